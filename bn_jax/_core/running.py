@@ -1,0 +1,49 @@
+"""Running-statistic updates: exponential or cumulative average, NaN guard.
+
+``momentum`` follows Flax: ``new = momentum * old + (1 - momentum) * batch``
+(PyTorch's ``momentum=0.1`` is ``0.9`` here). ``momentum=None`` keeps the exact
+cumulative average of every batch seen, ``new = old + (batch - old) / (k + 1)``
+with a per-channel count ``k``. A channel whose batch statistics are not finite,
+or that had no valid element, keeps its running statistics (and count).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def update_running(
+    state: dict[str, jax.Array],
+    mean: jax.Array,
+    var: jax.Array,
+    count: jax.Array,
+    *,
+    momentum: float | None,
+    unbiased: bool = False,
+) -> dict[str, jax.Array]:
+    """Returns ``state`` with ``mean`` / ``var`` (and ``count``) updated.
+
+    ``mean``, ``var`` (biased) and ``count`` are the batch statistics with the
+    shape of ``state["mean"]``. With ``unbiased=True`` the running variance
+    tracks ``var * n / (n - 1)`` (PyTorch's convention).
+    """
+    mean, var, count = (lax.stop_gradient(v) for v in (mean, var, count))
+    if unbiased:
+        var = var * count / jnp.maximum(count - 1, 1)
+    ok = jnp.isfinite(mean) & jnp.isfinite(var) & (count > 0)
+    old_mean, old_var = state["mean"], state["var"]
+    dt = old_mean.dtype
+    mean, var = mean.astype(dt), var.astype(dt)
+    new = dict(state)
+    if momentum is None:
+        k = state["count"]
+        w = 1.0 / (k + 1).astype(dt)
+        keep = 1.0 - w
+        new["count"] = jnp.where(ok, k + 1, k).astype(k.dtype)
+    else:
+        keep, w = jnp.asarray(momentum, dt), jnp.asarray(1.0 - momentum, dt)
+    new["mean"] = jnp.where(ok, keep * old_mean + w * mean, old_mean)
+    new["var"] = jnp.where(ok, keep * old_var + w * var, old_var)
+    return new

@@ -1,0 +1,139 @@
+"""Batch moments: local, masked and cross-device, with one collective.
+
+Every statistic is returned with ``keepdims`` shape (reduced axes kept as size
+1) so that it broadcasts against the input, and in at least float32.
+
+Local moments use a *shifted* one-pass formula: with a per-channel shift ``K``
+taken from the data itself (the first element along the reduced axes),
+
+    mean = K + S1 / n,    M2 = S2 - S1**2 / n,    S1 = sum(x - K),  S2 = sum((x - K)**2)
+
+which stays accurate when ``|mean| >> std`` (the textbook ``E[x^2] - E[x]^2``
+loses every digit there), while reading ``x`` once. With a mask the valid
+elements are reduced in two passes (mean, then centered squares).
+
+Across devices each device contributes ``(count, mean, M2)``; one
+``all_gather`` of those ``3 * C`` numbers and the pairwise merge of Chan et al.
+(1979),
+
+    n = sum(n_i),  mean = sum(n_i * mean_i) / n,  M2 = sum(M2_i + n_i * (mean_i - mean)**2)
+
+gives the statistics of the global batch exactly, weighted by count (PyTorch's
+SyncBatchNorm does the same), with no cancellation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bn_jax._core.checks import AxisName, stat_dtype
+
+
+class Moments(NamedTuple):
+    """Per-channel statistics, keepdims-shaped, in the statistics dtype."""
+
+    count: jax.Array  # number of valid elements that entered the statistics
+    mean: jax.Array
+    m2: jax.Array  # sum of squared deviations from the mean
+
+    @property
+    def var(self) -> jax.Array:
+        """Biased (population) variance ``M2 / n``; 0 where ``n`` is 0."""
+        return self.m2 / jnp.maximum(self.count, 1)
+
+
+def local_moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None = None,
+    *,
+    fast_variance: bool = False,
+) -> Moments:
+    """Count, mean and M2 of ``x`` over ``axes`` on this device only."""
+    dt = stat_dtype(x.dtype)
+    xf = x.astype(dt)
+    if mask is None:
+        n = math.prod(x.shape[a] for a in axes)
+        count = jnp.full(_kept_shape(x.shape, axes), n, dt)
+        if fast_variance:
+            s1 = jnp.sum(xf, axes, keepdims=True)
+            s2 = jnp.sum(xf * xf, axes, keepdims=True)
+            mean = s1 / n
+            return Moments(count, mean, jnp.maximum(s2 - s1 * mean, 0.0))
+        shift = lax.stop_gradient(_first_along(xf, axes))
+        d = xf - shift
+        s1 = jnp.sum(d, axes, keepdims=True)
+        s2 = jnp.sum(d * d, axes, keepdims=True)
+        return Moments(count, shift + s1 / n, jnp.maximum(s2 - s1 * s1 / n, 0.0))
+    mask = jnp.broadcast_to(mask, x.shape)
+    count = jnp.sum(mask, axes, keepdims=True, dtype=dt)
+    safe = jnp.maximum(count, 1)
+    xm = jnp.where(mask, xf, 0)
+    mean = jnp.sum(xm, axes, keepdims=True) / safe
+    if fast_variance:
+        m2 = jnp.sum(xm * xm, axes, keepdims=True) - count * mean * mean
+        return Moments(count, mean, jnp.maximum(m2, 0.0))
+    d = jnp.where(mask, xf - mean, 0)
+    return Moments(count, mean, jnp.sum(d * d, axes, keepdims=True))
+
+
+def merge_across(
+    m: Moments,
+    axis_name: AxisName,
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None,
+) -> Moments:
+    """Pools per-device moments over ``axis_name`` with a single all_gather."""
+    packed = jnp.stack([m.count, m.mean, m.m2])
+    g = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
+    g = g.reshape((-1, *packed.shape))  # a tuple axis_name gathers several dims
+    n_i, mean_i, m2_i = g[:, 0], g[:, 1], g[:, 2]
+    n = jnp.sum(n_i, 0)
+    safe = jnp.maximum(n, 1)
+    ref = mean_i[0]  # shift the weighted average for accuracy at large |mean|
+    mean = ref + jnp.sum(n_i * (mean_i - ref), 0) / safe
+    m2 = jnp.sum(m2_i, 0) + jnp.sum(n_i * jnp.square(mean_i - mean), 0)
+    return Moments(n, mean, m2)
+
+
+def moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None = None,
+    *,
+    axis_name: AxisName | None = None,
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None,
+    fast_variance: bool = False,
+) -> Moments:
+    """Statistics of the whole (possibly multi-device) batch over ``axes``."""
+    m = local_moments(x, axes, mask, fast_variance=fast_variance)
+    if axis_name is not None:
+        m = merge_across(m, axis_name, axis_index_groups)
+    return m
+
+
+def group_sum(
+    v: jax.Array,
+    axis_name: AxisName | None,
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None,
+) -> jax.Array:
+    """``psum`` that also works with ``axis_index_groups`` under ``shard_map``."""
+    if axis_name is None:
+        return v
+    if axis_index_groups is None:
+        return lax.psum(v, axis_name)
+    g = lax.all_gather(v, axis_name, axis_index_groups=axis_index_groups)
+    return jnp.sum(g.reshape((-1, *v.shape)), 0)
+
+
+def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in axes else s for i, s in enumerate(shape))
+
+
+def _first_along(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    starts = (0,) * x.ndim
+    return lax.slice(x, starts, _kept_shape(x.shape, axes))

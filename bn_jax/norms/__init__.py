@@ -1,0 +1,1 @@
+"""The normalizers: one small module each, all on the shared core."""
