@@ -50,8 +50,9 @@ def canonical_axis(axis: int | Sequence[int]) -> int | tuple[int, ...]:
         axes = tuple(axis)
     except TypeError:
         raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.") from None
-    if not axes or not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool)
-                           for a in axes):
+    if not axes or not all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes
+    ):
         raise TypeError(f"axis must be an int or a non-empty tuple of ints, got {axis!r}.")
     return tuple(int(a) for a in axes)
 
@@ -160,7 +161,7 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape "
             f"{tuple(x_shape)}; give True for elements that count in the statistics, "
-            f"e.g. a mask of shape {tuple(x_shape[:-1]) + (1,)} for padded rows."
+            f"e.g. a mask of shape {(*x_shape[:-1], 1)} for padded rows."
         )
     if mask.dtype != jnp.bool_:
         mask = mask != 0

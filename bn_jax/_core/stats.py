@@ -89,7 +89,7 @@ def merge_across(
 ) -> Moments:
     """Pools per-device moments over ``axis_name`` with a single all_gather."""
     packed = jnp.stack([m.count, m.mean, m.m2])
-    g = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
+    g = _all_gather(packed, axis_name, axis_index_groups)
     g = g.reshape((-1, *packed.shape))  # a tuple axis_name gathers several dims
     n_i, mean_i, m2_i = g[:, 0], g[:, 1], g[:, 2]
     n = jnp.sum(n_i, 0)
@@ -126,8 +126,16 @@ def group_sum(
         return v
     if axis_index_groups is None:
         return lax.psum(v, axis_name)
-    g = lax.all_gather(v, axis_name, axis_index_groups=axis_index_groups)
+    g = _all_gather(v, axis_name, axis_index_groups)
     return jnp.sum(g.reshape((-1, *v.shape)), 0)
+
+
+def _all_gather(v, axis_name, axis_index_groups):
+    # Without groups the gathered value is the same on every device: say so,
+    # so that shard_map can return running statistics replicated (P()).
+    if axis_index_groups is None and _all_manual(axis_name):
+        return lax.all_gather(v, axis_name, to="invarying")
+    return lax.all_gather(v, axis_name, axis_index_groups=axis_index_groups)
 
 
 def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -137,3 +145,10 @@ def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...
 def _first_along(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     starts = (0,) * x.ndim
     return lax.slice(x, starts, _kept_shape(x.shape, axes))
+
+
+def _all_manual(axis_name) -> bool:
+    """True under ``shard_map`` over ``axis_name`` (not under pmap or vmap)."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+    return all(n in manual for n in names)
