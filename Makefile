@@ -22,7 +22,7 @@ $(VENV)/.installed-examples: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 demo: $(VENV)/.installed-examples
-	$(PY) examples/train_digits.py
+	$(PY) examples/bn_basics.py
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check bn_jax tests examples
