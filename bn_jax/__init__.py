@@ -10,10 +10,46 @@ Every normalizer is a frozen, hashable configuration object with pure
 
 from bn_jax.norms.batch_norm import BatchNorm
 from bn_jax.norms.batch_norm import batch_norm
+from bn_jax.norms.batch_renorm import BatchRenorm
+from bn_jax.norms.batch_renorm import batch_renorm
+from bn_jax.norms.ghost_batch_norm import GhostBatchNorm
+from bn_jax.norms.ghost_batch_norm import ghost_batch_norm
+from bn_jax.norms.sequence_batch_norm import SequenceBatchNorm
+from bn_jax.norms.sequence_batch_norm import sequence_batch_norm
+from bn_jax.norms.group_norm import GroupNorm
+from bn_jax.norms.group_norm import group_norm
+from bn_jax.norms.instance_norm import InstanceNorm
+from bn_jax.norms.instance_norm import instance_norm
+from bn_jax.norms.layer_norm import LayerNorm
+from bn_jax.norms.layer_norm import layer_norm
+from bn_jax.norms.rms_norm import RMSNorm
+from bn_jax.norms.rms_norm import rms_norm
+from bn_jax.inference import fold_batch_norms
+from bn_jax.inference import fold_into_conv
+from bn_jax.inference import fold_into_dense
+from bn_jax.inference import recalibrate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
     "batch_norm",
+    "BatchRenorm",
+    "batch_renorm",
+    "GhostBatchNorm",
+    "ghost_batch_norm",
+    "SequenceBatchNorm",
+    "sequence_batch_norm",
+    "GroupNorm",
+    "group_norm",
+    "InstanceNorm",
+    "instance_norm",
+    "LayerNorm",
+    "layer_norm",
+    "RMSNorm",
+    "rms_norm",
+    "fold_batch_norms",
+    "fold_into_conv",
+    "fold_into_dense",
+    "recalibrate",
 ]

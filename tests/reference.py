@@ -55,3 +55,139 @@ def bn_eval(x, mean, var, scale=None, bias=None, axis=-1, eps=1e-5):
 
 def ema(old, new, momentum):
     return momentum * np.asarray(old, np.float64) + (1 - momentum) * np.asarray(new, np.float64)
+
+
+def conv2d_nhwc(x, kernel, bias=None, padding="SAME"):
+    """Stride-1 2-D cross-correlation in float64: NHWC input, HWIO kernel (XLA's SAME pads)."""
+    x = np.asarray(x, np.float64)
+    k = np.asarray(kernel, np.float64)
+    kh, kw = k.shape[:2]
+    if padding == "SAME":
+        x = np.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    out = np.zeros((x.shape[0], ho, wo, k.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            out += x[:, i : i + ho, j : j + wo, :] @ k[i, j]
+    if bias is not None:
+        out = out + np.asarray(bias, np.float64)
+    return out
+
+
+# --- issue 5: the normalization family -------------------------------------
+
+
+def _masked_moments(x, axes, mask):
+    """Mean and biased variance over ``axes`` (keepdims), float64, valid elements only."""
+    w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    n = np.maximum(w.sum(axes, keepdims=True), 1)
+    mean = (w * x).sum(axes, keepdims=True) / n
+    var = (w * (x - mean) ** 2).sum(axes, keepdims=True) / n
+    return mean, var
+
+
+def _per_feature(v, ndim, feature_axes):
+    """A feature-shaped array made broadcastable against rank ``ndim``."""
+    shape = [1] * ndim
+    v = np.asarray(v, np.float64)
+    for a, s in zip(feature_axes, v.shape, strict=True):
+        shape[a] = s
+    return v.reshape(shape)
+
+
+def layer_norm(x, scale=None, bias=None, reduction_axes=-1, feature_axes=-1, eps=1e-6, mask=None):
+    x = np.asarray(x, np.float64)
+    red = feature_axes_of(x.ndim, reduction_axes)
+    fa = feature_axes_of(x.ndim, feature_axes)
+    mean, var = _masked_moments(x, red, mask)
+    y = (x - mean) / np.sqrt(var + eps)
+    if scale is not None:
+        y = y * _per_feature(scale, x.ndim, fa)
+    if bias is not None:
+        y = y + _per_feature(bias, x.ndim, fa)
+    return y
+
+
+def rms_norm(x, scale=None, reduction_axes=-1, feature_axes=-1, eps=1e-6, mask=None):
+    x = np.asarray(x, np.float64)
+    red = feature_axes_of(x.ndim, reduction_axes)
+    fa = feature_axes_of(x.ndim, feature_axes)
+    w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    ms = (w * x * x).sum(red, keepdims=True) / np.maximum(w.sum(red, keepdims=True), 1)
+    y = x / np.sqrt(ms + eps)
+    if scale is not None:
+        y = y * _per_feature(scale, x.ndim, fa)
+    return y
+
+
+def group_norm(
+    x, num_groups, scale=None, bias=None, feature_axis=-1, reduction_axes=None, eps=1e-6, mask=None
+):
+    """Loops over the groups: each slice of channels is normalized over reduction_axes."""
+    x = np.asarray(x, np.float64)
+    c = feature_axis % x.ndim
+    red = (
+        tuple(range(1, x.ndim))
+        if reduction_axes is None
+        else feature_axes_of(x.ndim, reduction_axes)
+    )
+    m = None if mask is None else np.broadcast_to(mask, x.shape)
+    size = x.shape[c] // num_groups
+    y = np.empty_like(x)
+    for g in range(num_groups):
+        sl = [slice(None)] * x.ndim
+        sl[c] = slice(g * size, (g + 1) * size)
+        sl = tuple(sl)
+        mean, var = _masked_moments(x[sl], red, None if m is None else m[sl])
+        y[sl] = (x[sl] - mean) / np.sqrt(var + eps)
+    if scale is not None:
+        y = y * _per_feature(scale, x.ndim, (c,))
+    if bias is not None:
+        y = y + _per_feature(bias, x.ndim, (c,))
+    return y
+
+
+def instance_stats(x, feature_axes=-1):
+    """Per-instance mean and biased variance, shape [batch, *features], float64."""
+    x = np.asarray(x, np.float64)
+    fa = feature_axes_of(x.ndim, feature_axes)
+    red = tuple(i for i in range(1, x.ndim) if i not in fa)
+    return x.mean(red), x.var(red), int(np.prod([x.shape[i] for i in red]))
+
+
+def instance_norm(x, scale=None, bias=None, feature_axes=-1, eps=1e-6):
+    """Loops over the examples: each is normalized per channel over its other axes."""
+    x = np.asarray(x, np.float64)
+    fa = feature_axes_of(x.ndim, feature_axes)
+    y = np.stack(
+        [bn_train(x[n][None], axis=tuple(a for a in fa), eps=eps)[0] for n in range(x.shape[0])]
+    )
+    if scale is not None:
+        y = y * _per_feature(scale, x.ndim, fa)
+    if bias is not None:
+        y = y + _per_feature(bias, x.ndim, fa)
+    return y
+
+
+def batch_renorm_train(x, run_mean, run_var, rmax, dmax, scale=None, bias=None, axis=-1, eps=1e-5):
+    """Batch Renormalization's training output (Ioffe 2017, algorithm 1), float64."""
+    x = np.asarray(x, np.float64)
+    fa = feature_axes_of(x.ndim, axis)
+    red = tuple(i for i in range(x.ndim) if i not in fa)
+    mean, var, _ = bn_stats(x, axis)
+    sigma_b = np.sqrt(var + eps)
+    sigma = np.sqrt(np.asarray(run_var, np.float64) + eps)
+    r = np.clip(sigma_b / sigma, 1 / rmax, rmax)
+    d = np.clip((mean - np.asarray(run_mean, np.float64)) / sigma, -dmax, dmax)
+    y = (x - np.expand_dims(mean, red)) / np.expand_dims(sigma_b, red)
+    y = y * np.expand_dims(r, red) + np.expand_dims(d, red)
+    if scale is not None:
+        y = y * np.expand_dims(np.asarray(scale, np.float64), red)
+    if bias is not None:
+        y = y + np.expand_dims(np.asarray(bias, np.float64), red)
+    return y, r, d
+
+
+def feature_axes_of(ndim, axes):
+    a = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(sorted(i % ndim for i in a))

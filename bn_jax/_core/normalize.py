@@ -112,7 +112,16 @@ def _batch_normalize_jvp(cfg, primals, tangents):
 def _tangent_map(cfg, x, mean, inv, count, scale, mask, dx, dscale, dbias):
     """The derivative of ``batch_normalize`` as a linear map of the tangents."""
     dt = mean.dtype
-    x_hat = (x.astype(dt) - mean) * inv
+    xf = x.astype(dt)
+    # x_hat enters twice: in the reduction r1 and as the multiplier of the
+    # per-channel correction. Each use gets its own copy of (mean, inv), so
+    # that XLA recomputes x_hat inside each fused pass (forward mode: the
+    # reduction and the elementwise dy; reverse mode, after transposition:
+    # sum(g * x_hat) and the elementwise dx) instead of writing it to memory
+    # and reading it back.
+    x_hat = (xf - mean) * inv
+    mean_c, inv_c = lax.optimization_barrier((mean, inv))
+    x_hat_c = (xf - mean_c) * inv_c
     dxf = dx.astype(dt)
     w = dxf if mask is None else jnp.where(mask, dxf, 0)
     sums = jnp.stack(
@@ -127,9 +136,9 @@ def _tangent_map(cfg, x, mean, inv, count, scale, mask, dx, dscale, dbias):
     if _constant_along(a, cfg.axes):
         # a, dscale, dbias are per statistics group: fold the corrections
         # per channel so the transpose needs only sum(g) and sum(g * x_hat).
-        dy = a * dxf + (db - a * r0) + x_hat * (ds - a * r1)
+        dy = a * dxf + (db - a * r0) + x_hat_c * (ds - a * r1)
     else:  # scale varies inside a statistics group (GroupNorm, LayerNorm)
-        dy = a * (dxf - r0 - x_hat * r1) + x_hat * ds + db
+        dy = a * (dxf - r0 - x_hat_c * r1) + x_hat_c * ds + db
     return dy.astype(cfg.out_dtype), r0, 2.0 * r1 / inv
 
 

@@ -3,14 +3,16 @@
 Every statistic is returned with ``keepdims`` shape (reduced axes kept as size
 1) so that it broadcasts against the input, and in at least float32.
 
-Local moments use a *shifted* one-pass formula: with a per-channel shift ``K``
-taken from the data itself (the first element along the reduced axes),
+Local moments use the classic two-pass formula,
 
-    mean = K + S1 / n,    M2 = S2 - S1**2 / n,    S1 = sum(x - K),  S2 = sum((x - K)**2)
+    mean = sum(x) / n,    M2 = sum((x - mean)**2)
 
 which stays accurate when ``|mean| >> std`` (the textbook ``E[x^2] - E[x]^2``
-loses every digit there), while reading ``x`` once. With a mask the valid
-elements are reduced in two passes (mean, then centered squares).
+loses every digit there; an error ``d`` in the mean only adds ``n * d**2`` to
+``M2``). It reads ``x`` twice, as the one-pass alternatives do on XLA:CPU (two
+sibling reductions; a variadic ``lax.reduce`` was several times slower there), and unlike a
+data-derived shift it takes no slice of ``x``, which made XLA copy ``x`` inside
+``lax.scan`` loops. Masked moments use the same two passes over valid elements.
 
 Across devices each device contributes ``(count, mean, M2)``; one
 ``all_gather`` of those ``3 * C`` numbers and the pairwise merge of Chan et al.
@@ -65,11 +67,8 @@ def local_moments(
             s2 = jnp.sum(xf * xf, axes, keepdims=True)
             mean = s1 / n
             return Moments(count, mean, jnp.maximum(s2 - s1 * mean, 0.0))
-        shift = lax.stop_gradient(_first_along(xf, axes))
-        d = xf - shift
-        s1 = jnp.sum(d, axes, keepdims=True)
-        s2 = jnp.sum(d * d, axes, keepdims=True)
-        return Moments(count, shift + s1 / n, jnp.maximum(s2 - s1 * s1 / n, 0.0))
+        mean = jnp.sum(xf, axes, keepdims=True) / n
+        return Moments(count, mean, _centered_squares(xf, mean, axes))
     mask = jnp.broadcast_to(mask, x.shape)
     count = jnp.sum(mask, axes, keepdims=True, dtype=dt)
     safe = jnp.maximum(count, 1)
@@ -78,8 +77,20 @@ def local_moments(
     if fast_variance:
         m2 = jnp.sum(xm * xm, axes, keepdims=True) - count * mean * mean
         return Moments(count, mean, jnp.maximum(m2, 0.0))
-    d = jnp.where(mask, xf - mean, 0)
-    return Moments(count, mean, jnp.sum(d * d, axes, keepdims=True))
+    return Moments(count, mean, _centered_squares(xf, mean, axes, mask))
+
+
+def _centered_squares(xf, mean, axes, mask=None):
+    """``sum((x - mean)**2)`` over ``axes`` (valid elements only under ``mask``).
+
+    The reduction gets a private copy of ``mean``: the normalization computes
+    the same ``x - mean``, and if XLA shares that difference it writes it to
+    memory and reads it back instead of fusing it into each pass.
+    """
+    d = xf - lax.optimization_barrier(mean)
+    if mask is not None:
+        d = jnp.where(mask, d, 0)
+    return jnp.sum(d * d, axes, keepdims=True)
 
 
 def merge_across(
@@ -140,11 +151,6 @@ def _all_gather(v, axis_name, axis_index_groups):
 
 def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(1 if i in axes else s for i, s in enumerate(shape))
-
-
-def _first_along(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    starts = (0,) * x.ndim
-    return lax.slice(x, starts, _kept_shape(x.shape, axes))
 
 
 def _all_manual(axis_name) -> bool:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bn_jax._core.checks import resolve_axes
+from bn_jax._core.stats import group_sum
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 Params = dict[str, jax.Array]
@@ -89,3 +90,30 @@ def broadcastable(v: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.
     for a, s in zip(axes, v.shape, strict=True):
         shape[a] = s
     return jnp.reshape(v, shape)
+
+
+def average_stats(
+    mean: jax.Array,
+    var: jax.Array,
+    count: jax.Array,
+    *,
+    unbiased: bool,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Count-weighted average over axis 0 of per-group statistics, for running updates.
+
+    ``mean``, ``var`` (biased) and ``count`` have a leading axis of groups
+    (ghost batches, instances). Returns the weighted mean, the weighted mean
+    of the variances (each made unbiased first when ``unbiased``) and the
+    total count, with axis 0 removed; a group with no valid element has no
+    weight. With ``axis_name`` the sums run over every device as well (one
+    collective of three arrays). Everything is under ``stop_gradient``.
+    """
+    mean, var, count = (jax.lax.stop_gradient(a) for a in (mean, var, count))
+    if unbiased:
+        var = var * count / jnp.maximum(count - 1, 1)
+    sums = jnp.stack([jnp.sum(count * mean, 0), jnp.sum(count * var, 0), jnp.sum(count, 0)])
+    sums = group_sum(sums, axis_name, axis_index_groups)
+    safe = jnp.maximum(sums[2], 1)
+    return sums[0] / safe, sums[1] / safe, sums[2]

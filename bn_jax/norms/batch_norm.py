@@ -184,49 +184,83 @@ class BatchNorm:
             an unbound ``axis_name``.
         """
         training = check_training(training, self._name)
-        checks.check_input(x)
-        x = jnp.asarray(x)
-        feature_axes = checks.resolve_axes(self.axis, x.ndim)
-        scale, bias = get_affine(params, self.use_scale, self.use_bias, self._name)
-        shape = checks.check_features(
-            x.shape,
-            feature_axes,
-            {
-                "params['scale']": scale,
-                "params['bias']": bias,
-                "state['mean']": state["mean"],
-                "state['var']": state["var"],
-            },
-            self.axis,
-        )
-        out_dtype = jnp.dtype(self.dtype or x.dtype)
+        x, feature_axes, shape, scale, bias, out_dtype = self._prepare(params, state, x)
+        reduce_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
         scale = broadcastable(scale, x.ndim, feature_axes)
         bias = broadcastable(bias, x.ndim, feature_axes)
-        reduce_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
         if not training:
-            mean = broadcastable(state["mean"], x.ndim, feature_axes)
-            var = broadcastable(state["var"], x.ndim, feature_axes)
-            inv = lax.rsqrt(var + jnp.asarray(self.epsilon, var.dtype))
-            return affine(x, mean, inv, scale, bias, out_dtype), state
+            y = normalize_with(
+                x, state["mean"], state["var"], scale, bias, feature_axes, self.epsilon, out_dtype
+            )
+            return y, state
 
         mask = checks.check_mask(mask, x.shape)
+        self._check_batch(x.shape, reduce_axes, mask)
+        y, mean, var, count = batch_normalize(
+            x, scale, bias, mask, self._stats_config(reduce_axes, out_dtype)
+        )
+        return y, self._update(state, mean, var, count, shape)
+
+    # Pieces of ``apply`` shared with the BatchNorm variants (BatchRenorm,
+    # GhostBatchNorm, SequenceBatchNorm); none of them changes behaviour.
+
+    def _prepare(
+        self,
+        params: Params,
+        state: State,
+        x: jax.Array,
+        *,
+        feature_axes: tuple[int, ...] | None = None,
+        check_state: bool = True,
+    ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], Any, Any, jnp.dtype]:
+        """Validates a call; returns ``x``, feature axes and shape, scale, bias, out dtype."""
+        checks.check_input(x)
+        x = jnp.asarray(x)
+        if feature_axes is None:
+            feature_axes = checks.resolve_axes(self.axis, x.ndim)
+        scale, bias = get_affine(params, self.use_scale, self.use_bias, self._name)
+        arrays = {"params['scale']": scale, "params['bias']": bias}
+        if check_state:
+            arrays["state['mean']"] = state["mean"]
+            arrays["state['var']"] = state["var"]
+        shape = checks.check_features(x.shape, feature_axes, arrays, self.axis)
+        out_dtype = jnp.dtype(self.dtype or x.dtype)
+        return x, feature_axes, shape, scale, bias, out_dtype
+
+    def _check_batch(
+        self, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], mask: jax.Array | None
+    ) -> None:
+        """Raises for an unbound ``axis_name`` or a single value per feature."""
         devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
-        if mask is None and math.prod(x.shape[i] for i in reduce_axes) * devices <= 1:
+        if mask is None and math.prod(x_shape[i] for i in reduce_axes) * devices <= 1:
             raise ValueError(
                 f"{self._name}: training with a single value per feature (x.shape="
-                f"{tuple(x.shape)}, axis={self.axis!r}) has no meaningful variance; use a "
+                f"{tuple(x_shape)}, axis={self.axis!r}) has no meaningful variance; use a "
                 f"batch of 2 or more, or training=False."
             )
-        cfg = StatsConfig(
+
+    def _stats_config(
+        self, reduce_axes: tuple[int, ...], out_dtype: jnp.dtype, *, sync: bool = True
+    ) -> StatsConfig:
+        return StatsConfig(
             axes=reduce_axes,
             epsilon=float(self.epsilon),
             out_dtype=out_dtype,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
+            axis_name=self.axis_name if sync else None,
+            axis_index_groups=self.axis_index_groups if sync else None,
             fast_variance=self.use_fast_variance,
         )
-        y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
-        new_state = update_running(
+
+    def _update(
+        self,
+        state: State,
+        mean: jax.Array,
+        var: jax.Array,
+        count: jax.Array,
+        shape: tuple[int, ...],
+    ) -> State:
+        """Running statistics updated with keepdims-shaped batch statistics."""
+        return update_running(
             state,
             mean.reshape(shape),
             var.reshape(shape),
@@ -234,7 +268,27 @@ class BatchNorm:
             momentum=self.momentum,
             unbiased=self.unbiased_running_var,
         )
-        return y, new_state
+
+
+def normalize_with(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    feature_axes: tuple[int, ...],
+    epsilon: float,
+    out_dtype: Any,
+) -> jax.Array:
+    """Eval-mode normalization with given per-feature (e.g. running) statistics.
+
+    ``mean`` / ``var`` are feature-shaped, ``scale`` / ``bias`` already
+    broadcastable against ``x``. One multiply-add per element.
+    """
+    mean = broadcastable(mean, x.ndim, feature_axes)
+    var = broadcastable(var, x.ndim, feature_axes)
+    inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+    return affine(x, mean, inv, scale, bias, out_dtype)
 
 
 def batch_norm(

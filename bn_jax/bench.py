@@ -1,0 +1,580 @@
+"""Benchmark bn_jax against flax.linen.BatchNorm (and Haiku / Equinox when installed).
+
+Run ``python -m bn_jax.bench`` (``--help`` for options; ``--json`` for machines).
+
+BatchNorm is memory-bound, so every time is reported next to two physical
+references measured in the same process:
+
+* the **elementwise floor**: ``y = x * a + b`` with per-channel ``a``, ``b``
+  (one read and one write of ``x``), the least any normalization can cost;
+* the **bytes-moved bound**: the bytes a layer must move divided by the memory
+  bandwidth measured in this run (the best of a streaming reduction and a
+  chain of elementwise passes). A training forward reads ``x`` twice (the
+  statistics, then the normalization) and writes ``y``; a backward reads ``x``
+  and ``dy`` twice (the two per-channel sums, then ``dx``) and writes ``dx``;
+  an eval forward reads ``x`` and writes ``y``.
+
+Each workload runs in two modes: a **single** jitted call of one layer, and
+**network**, ``--layers`` layers chained inside one jitted program, as in a
+real model (each training layer's output is materialized because the next
+layer's statistics need all of it, and XLA reuses buffers instead of
+allocating a fresh output per call; in eval mode XLA fuses the whole chain,
+and the floor's chain, into one pass). ``lax.scan`` over layers is not used:
+its stacked residuals and in-place carry add copies of ``x`` that belong to
+neither library. Libraries are
+timed interleaved (each repeat runs every library once, in rotating order) and
+the median of ``--repeats`` runs is reported. The compiled temporary memory of
+forward plus backward (``memory_analysis().temp_size_in_bytes``) is reported too.
+
+Workloads: ``fwd`` (training forward: output and new running statistics),
+``fwd+bwd`` (gradient of ``sum(y * W)`` with respect to parameters and ``x``,
+with the new running statistics as auxiliary output) and ``eval`` (running
+statistics). Flax runs with its default settings (``use_fast_variance=True``,
+output dtype promoted with the float32 parameters, so bfloat16 input gives
+float32 output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bn_jax
+
+DEFAULT_SHAPES = {"conv": (128, 32, 32, 64), "dense": (256, 1024)}
+DEFAULT_DTYPES = ("float32", "bfloat16")
+WORKLOADS = ("fwd", "fwd+bwd", "eval")
+MODES = ("single", "network")
+# Units of x.nbytes a layer must move (read + write), per workload.
+BYTES_UNITS = {"fwd": 3, "fwd+bwd": 8, "eval": 2}
+# Issue 4 targets, as ratios measured by this benchmark.
+TARGETS = {
+    "fwd_vs_flax": 1.0,  # training forward no slower than flax
+    "fwd+bwd_vs_flax": 0.6,  # single call and network
+    "network_fwd+bwd_vs_bound": 1.3,
+    "eval_vs_floor": 1.05,
+}
+
+
+# ----------------------------------------------------------------------------
+# Libraries: each gives init() -> (params, state) and apply(params, state, x, training)
+# -> (y, state), with params a pytree of arrays to differentiate.
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+    name: str
+    init: Callable[[jax.Array], tuple[Any, Any]]
+    apply: Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
+
+
+def _bn_jax_library(x: jax.Array) -> Library:
+    norm = bn_jax.BatchNorm()
+
+    def apply(params, state, x, training):
+        return norm.apply(params, state, x, training=training)
+
+    return Library("bn_jax", lambda x: norm.init(x), apply)
+
+
+def _flax_library(x: jax.Array) -> Library:
+    import flax.linen as nn
+
+    module = nn.BatchNorm()
+
+    def init(x):
+        v = module.init(jax.random.key(0), x, use_running_average=False)
+        return v["params"], v["batch_stats"]
+
+    def apply(params, state, x, training):
+        variables = {"params": params, "batch_stats": state}
+        if not training:
+            return module.apply(variables, x, use_running_average=True), state
+        y, new = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+        return y, new["batch_stats"]
+
+    return Library("flax", init, apply)
+
+
+def _haiku_library(x: jax.Array) -> Library:  # pragma: no cover - optional
+    import haiku as hk
+
+    def f(x, is_training):
+        bn = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.99, eps=1e-5)
+        return bn(x, is_training=is_training)
+
+    t = hk.without_apply_rng(hk.transform_with_state(f))
+
+    def init(x):
+        return t.init(jax.random.key(0), x, True)
+
+    def apply(params, state, x, training):
+        return t.apply(params, state, x, training)
+
+    return Library("haiku", init, apply)
+
+
+def _equinox_library(x: jax.Array) -> Library:  # pragma: no cover - optional
+    import equinox as eqx
+
+    # Equinox normalizes over vmapped axes: map every non-feature axis.
+    names = tuple(f"ax{i}" for i in range(x.ndim - 1))
+
+    static = {}
+
+    def init(x):
+        bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+            input_size=x.shape[-1], axis_name=names, momentum=0.99, eps=1e-5
+        )
+        params, static["module"] = eqx.partition(bn, eqx.is_inexact_array)
+        return params, state
+
+    def apply(params, state, x, training):
+        bn = eqx.nn.inference_mode(eqx.combine(params, static["module"]), value=not training)
+        f = bn
+        for name in reversed(names):
+            f = jax.vmap(f, in_axes=(0, None), out_axes=(0, None), axis_name=name)
+        return f(x, state)
+
+    return Library("equinox", init, apply)
+
+
+def available_libraries(requested: Sequence[str] | None = None) -> list[str]:
+    """bn_jax and flax always; haiku and equinox when importable."""
+    names = ["bn_jax", "flax"]
+    names += [m for m in ("haiku", "equinox") if importlib.util.find_spec(m) is not None]
+    if requested:
+        unknown = sorted(set(requested) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown or unavailable libraries {unknown}; available: {names}")
+        names = [n for n in names if n in requested]
+    return names
+
+
+_BUILDERS = {
+    "bn_jax": _bn_jax_library,
+    "flax": _flax_library,
+    "haiku": _haiku_library,
+    "equinox": _equinox_library,
+}
+
+
+# ----------------------------------------------------------------------------
+# Workloads.
+
+
+def _make_workload(lib: Library, workload: str, mode: str, layers: int):
+    """Returns ``(fn, n_layers)``: ``fn(params, states, x, w)`` jitted.
+
+    In network mode ``params`` and ``states`` are lists, one entry per layer.
+    """
+    n_layers = layers if mode == "network" else 1
+
+    def forward(params, states, x, training):
+        if mode == "single":
+            return lib.apply(params, states, x, training)
+        h, new = x, []
+        for p, s in zip(params, states, strict=True):
+            h, s = lib.apply(p, s, h, training)
+            new.append(s)
+        return h, new
+
+    if workload == "fwd":
+        fn = jax.jit(lambda p, s, x, w: forward(p, s, x, True))
+    elif workload == "eval":
+        fn = jax.jit(lambda p, s, x, w: forward(p, s, x, False)[0])
+    else:
+
+        def loss(p, s, x, w):
+            y, new = forward(p, s, x, True)
+            return jnp.sum(y.astype(jnp.float32) * w.astype(jnp.float32)), new
+
+        fn = jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True))
+    return fn, n_layers
+
+
+def _per_layer(tree, n_layers: int, mode: str):
+    return tree if mode == "single" else [tree] * n_layers
+
+
+def _make_floor(mode: str, layers: int):
+    """The elementwise floor ``x * a + b``, once or ``layers`` times chained."""
+    n_layers = layers if mode == "network" else 1
+
+    def floor(a, b, x):
+        for i in range(n_layers):
+            x = x * a[i] + b[i]
+        return x
+
+    return jax.jit(floor), n_layers
+
+
+def _time_interleaved(
+    calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Runs every call once per repeat, in rotating order; returns seconds."""
+    for call in calls.values():
+        for _ in range(warmup):
+            jax.block_until_ready(call())
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(calls[n]())
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def _temp_bytes(fn, *args) -> int | None:
+    try:
+        stats = fn.lower(*args).compile().memory_analysis()
+    except Exception:  # some backends do not report
+        return None
+    return None if stats is None else int(stats.temp_size_in_bytes)
+
+
+def measure_bandwidth(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    """Streaming bandwidth in bytes/s, float32: a reduction over all but the last
+    axis (reads ``x`` once) and the single-call floor (reads and writes once)."""
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    red = jax.jit(lambda x: jnp.sum(x, tuple(range(x.ndim - 1))))
+    floor, _ = _make_floor("single", 1)
+    a = jnp.ones((1, shape[-1]), jnp.float32)
+    b = jnp.zeros((1, shape[-1]), jnp.float32)
+    t = _time_interleaved({"read": lambda: red(x), "copy": lambda: floor(a, b, x)}, repeats)
+    read = x.nbytes / statistics.median(t["read"])
+    copy = 2 * x.nbytes / statistics.median(t["copy"])
+    return {"read_bytes_per_s": read, "copy_bytes_per_s": copy, "bytes_per_s": max(read, copy)}
+
+
+@dataclasses.dataclass
+class Case:
+    shape_name: str
+    shape: tuple[int, ...]
+    dtype: str
+    mode: str
+    workload: str
+    layers: int
+    times_ms: dict[str, float]
+    floor_ms: float
+    bound_ms: float
+    temp_bytes: dict[str, int | None]
+
+
+def run_case(
+    shape_name: str,
+    shape: tuple[int, ...],
+    dtype: str,
+    mode: str,
+    workload: str,
+    *,
+    libraries: Sequence[str],
+    layers: int,
+    repeats: int,
+    bandwidth: float,
+) -> Case:
+    dt = jnp.dtype(dtype)
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = (3.0 + 2.0 * jax.random.normal(kx, shape, jnp.float32)).astype(dt)
+    w = jax.random.normal(kw, shape, jnp.float32).astype(dt)
+    calls: dict[str, Callable[[], Any]] = {}
+    temp: dict[str, int | None] = {}
+    n = 1
+    for name in libraries:
+        lib = _BUILDERS[name](x)
+        fn, n = _make_workload(lib, workload, mode, layers)
+        params, state = lib.init(x)
+        if workload == "eval":  # non-trivial running statistics
+            _, state = jax.jit(partial(lib.apply, training=True))(params, state, x)
+        args = (_per_layer(params, n, mode), _per_layer(state, n, mode), x, w)
+        calls[name] = lambda fn=fn, args=args: fn(*args)
+        if workload == "fwd+bwd":
+            temp[name] = _temp_bytes(fn, *args)
+    floor, _ = _make_floor(mode, layers)
+    c = shape[-1]
+    a = jnp.ones((n, c), dt)
+    b = jnp.zeros((n, c), dt)
+    calls["floor"] = lambda: floor(a, b, x)
+    t = _time_interleaved(calls, repeats)
+    med = {k: 1e3 * statistics.median(v) for k, v in t.items()}
+    bound = 1e3 * BYTES_UNITS[workload] * n * x.nbytes / bandwidth
+    return Case(
+        shape_name,
+        tuple(shape),
+        dtype,
+        mode,
+        workload,
+        n,
+        {k: v for k, v in med.items() if k != "floor"},
+        med["floor"],
+        bound,
+        temp,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def summarize_targets(cases: Sequence[Case]) -> list[dict[str, Any]]:
+    """The issue's targets, checked against the measured ratios."""
+    out = []
+    for c in cases:
+        if "bn_jax" not in c.times_ms:
+            continue
+        bn = c.times_ms["bn_jax"]
+        label = f"{c.shape_name} {c.dtype} {c.mode} {c.workload}"
+        checks = []
+        if c.workload in ("fwd", "fwd+bwd") and "flax" in c.times_ms:
+            key = f"{c.workload}_vs_flax"
+            checks.append((key, _ratio(bn, c.times_ms["flax"])))
+        if c.workload == "fwd+bwd" and c.mode == "network":
+            checks.append(("network_fwd+bwd_vs_bound", _ratio(bn, c.bound_ms)))
+        if c.workload == "eval":
+            checks.append(("eval_vs_floor", _ratio(bn, c.floor_ms)))
+        if c.workload == "fwd+bwd" and "flax" in c.temp_bytes:
+            tb, tf = c.temp_bytes.get("bn_jax"), c.temp_bytes.get("flax")
+            if tb is not None and tf is not None:
+                out.append(
+                    {
+                        "case": label,
+                        "target": "temp_bytes<=flax",
+                        "value": tb,
+                        "limit": tf,
+                        "met": tb <= tf,
+                    }
+                )
+        for key, value in checks:
+            limit = TARGETS[key]
+            out.append(
+                {
+                    "case": label,
+                    "target": f"{key}<={limit}",
+                    "value": value,
+                    "limit": limit,
+                    "met": value is not None and value <= limit,
+                }
+            )
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    dev = jax.devices()[0]
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", str(dev)),
+    }
+
+
+def format_table(cases: Sequence[Case], libraries: Sequence[str]) -> str:
+    others = [n for n in libraries if n != "bn_jax"]
+    head = ["case", "mode", "workload"]
+    head += [f"{n} ms" for n in libraries]
+    head += [f"bn_jax/{n}" for n in others]
+    head += ["floor ms", "bound ms", "bn_jax/floor", "bn_jax/bound"]
+    head += [f"{n}/bound" for n in others]
+    rows = [head]
+    for c in cases:
+        bn = c.times_ms.get("bn_jax")
+        row = [f"{c.shape_name} {c.dtype}", f"{c.mode}x{c.layers}", c.workload]
+        row += [_fmt(c.times_ms.get(n)) for n in libraries]
+        row += [_fmt(_ratio(bn, c.times_ms.get(n)), 2) for n in others]
+        row += [_fmt(c.floor_ms), _fmt(c.bound_ms), _fmt(_ratio(bn, c.floor_ms), 2)]
+        row += [_fmt(_ratio(bn, c.bound_ms), 2)]
+        row += [_fmt(_ratio(c.times_ms.get(n), c.bound_ms), 2) for n in others]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    mem = [c for c in cases if c.temp_bytes]
+    if mem:
+        lines.append("")
+        lines.append("compiled temp memory of fwd+bwd (MiB): " + ", ".join(libraries))
+        for c in mem:
+            vals = [_fmt_mib(c.temp_bytes.get(n)) for n in libraries]
+            lines.append(f"  {c.shape_name} {c.dtype} {c.mode}x{c.layers}: " + "  ".join(vals))
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _fmt_mib(v: int | None) -> str:
+    return "-" if v is None else f"{v / 2**20:.2f}"
+
+
+def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    if not items:
+        return dict(DEFAULT_SHAPES)
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise SystemExit(
+                f"--shape expects NAME=AxBxC, e.g. conv=128x32x32x64, got {item!r}"
+            ) from None
+        if len(shape) < 2 or min(shape) < 1:
+            raise SystemExit(f"--shape needs at least two positive sizes, got {item!r}")
+        shapes[name] = shape
+    return shapes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bn_jax.bench",
+        description="Time bn_jax against flax.linen.BatchNorm (and Haiku/Equinox when "
+        "installed), with the elementwise floor and the bytes-moved bound.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document only")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs per case (median)")
+    p.add_argument("--layers", type=int, default=4, help="layers in network mode")
+    p.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=AxBx..",
+        help="activation shape, features last (repeatable); default "
+        + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in DEFAULT_SHAPES.items()),
+    )
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--mode", action="append", choices=MODES)
+    p.add_argument("--workload", action="append", choices=WORKLOADS)
+    p.add_argument("--library", action="append", help="restrict to these libraries")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; returns the JSON-ready report (also printed)."""
+    args = build_parser().parse_args(argv)
+    if args.repeats < 1 or args.layers < 1:
+        raise SystemExit("--repeats and --layers must be positive")
+    shapes = _parse_shapes(args.shape)
+    dtypes = args.dtype or list(DEFAULT_DTYPES)
+    modes = args.mode or list(MODES)
+    workloads = args.workload or list(WORKLOADS)
+    libraries = available_libraries(args.library)
+    jobs = [(s, d, m, w) for s in shapes for d in dtypes for m in modes for w in workloads]
+    progress = _progress(len(jobs) + 1, disable=args.no_progress)
+    biggest = max(shapes.values(), key=lambda s: int(np.prod(s)))
+    bw = measure_bandwidth(biggest, args.repeats)
+    progress.update(1)
+    cases = []
+    for s, d, m, w in jobs:
+        progress.set_description(f"{s} {d} {m} {w}")
+        cases.append(
+            run_case(
+                s,
+                shapes[s],
+                d,
+                m,
+                w,
+                libraries=libraries,
+                layers=args.layers,
+                repeats=args.repeats,
+                bandwidth=bw["bytes_per_s"],
+            )
+        )
+        progress.update(1)
+    progress.close()
+    report = {
+        "machine": machine_info(),
+        "command": "python -m bn_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {"repeats": args.repeats, "layers": args.layers, "libraries": libraries},
+        "bandwidth": bw,
+        "cases": [dataclasses.asdict(c) for c in cases],
+        "targets": summarize_targets(cases),
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(_text_report(report, cases, libraries))
+    return report
+
+
+def _text_report(report, cases, libraries) -> str:
+    m, bw = report["machine"], report["bandwidth"]
+    machine = (
+        f"machine: {m['device']} ({m['backend']}), {m['cpu_count']} cores, {m['platform']}; "
+        f"jax {m['jax']}"
+    )
+    bandwidth = (
+        f"bandwidth: {bw['bytes_per_s'] / 1e9:.2f} GB/s (read {bw['read_bytes_per_s'] / 1e9:.2f}, "
+        f"read+write {bw['copy_bytes_per_s'] / 1e9:.2f}); median of "
+        f"{report['settings']['repeats']} interleaved runs"
+    )
+    lines = [
+        machine,
+        bandwidth,
+        "",
+        format_table(cases, libraries),
+        "",
+        "targets:",
+    ]
+    for t in report["targets"]:
+        v = t["value"]
+        shown = "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append(
+            f"  [{'met' if t['met'] else 'NOT met'}] {t['case']}: {t['target']} (measured {shown})"
+        )
+    return "\n".join(lines)
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_description(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, disable: bool):
+    if disable or not sys.stderr.isatty():
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

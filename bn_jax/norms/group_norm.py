@@ -1,0 +1,256 @@
+"""Group Normalization (Wu & He, 2018)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bn_jax._core import checks
+from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax.norms._common import Initializer, Params, State, get_affine, init_affine
+from bn_jax.norms.batch_norm import check_training
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupNorm:
+    r"""Group Normalization: normalize groups of channels within each example.
+
+    The ``C`` channels along ``feature_axis`` are split into ``G`` contiguous
+    groups of ``C / G``; for every example (position outside
+    ``reduction_axes``) and group ``g``::
+
+        mu_g, var_g = mean(x), mean((x - mu_g)**2)   # over reduction_axes, channels of g
+        y = (x - mu_g) / sqrt(var_g + epsilon) * scale + bias     # scale, bias: [C]
+
+    ``G = 1`` is LayerNorm over all non-batch axes; ``G = C`` is InstanceNorm.
+    No running statistics: ``state`` is ``{}``; ``training`` is accepted and
+    ignored.
+
+    When to use it: convolutional networks trained with small per-device
+    batches (detection, segmentation, video), where batch statistics are
+    too noisy; the output of an example never depends on the rest of the
+    batch.
+
+    Args:
+      num_groups: number of groups ``G`` (Flax and the paper default to 32);
+        pass ``num_groups=None`` to give ``group_size`` instead. Exactly one of
+        the two is set.
+      group_size: channels per group.
+      epsilon: added to the variance; must be positive (Flax's default 1e-6).
+      dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as in
+        :class:`BatchNorm`.
+      reduction_axes: axes the statistics are taken over; they must include
+        ``feature_axis`` (whose reduction is restricted to each group).
+        Default ``None``: every axis except the leading batch axis.
+      feature_axis: the channel axis that is grouped and that carries
+        ``scale`` / ``bias`` (default ``-1``; ``1`` for NCHW).
+      axis_name: a mapped axis over which the reduced axes are split
+        (spatial or sequence parallelism), as in ``flax.linen.GroupNorm``.
+      axis_index_groups: merge within these groups of devices only.
+      use_fast_variance: ``E[x^2] - E[x]^2`` instead of the shifted formula.
+
+    Example::
+
+        norm = bn_jax.GroupNorm(num_groups=8)
+        params, state = norm.init(64)                # state == {}
+        y, _ = norm.apply(params, state, x, training=True)   # x: [N, H, W, 64]
+
+    Reference: Y. Wu and K. He, "Group Normalization", ECCV 2018.
+    """
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = jax.nn.initializers.zeros
+    scale_init: Initializer = jax.nn.initializers.ones
+    reduction_axes: int | tuple[int, ...] | None = None
+    feature_axis: int = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    use_fast_variance: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.num_groups is None) == (self.group_size is None):
+            raise ValueError(
+                f"GroupNorm needs exactly one of num_groups and group_size, got "
+                f"num_groups={self.num_groups!r} and group_size={self.group_size!r}; to give "
+                f"group_size, pass num_groups=None as well (num_groups defaults to 32)."
+            )
+        for name in ("num_groups", "group_size"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be a positive int, got {v!r}.")
+            if v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}.")
+            object.__setattr__(self, name, int(v))
+        checks.check_epsilon(self.epsilon)
+        fa = self.feature_axis
+        if isinstance(fa, bool) or not isinstance(fa, (int, np.integer)):
+            raise TypeError(f"feature_axis must be an int, got {fa!r}.")
+        object.__setattr__(self, "feature_axis", int(fa))
+        if self.reduction_axes is not None:
+            try:
+                red = checks.canonical_axis(self.reduction_axes)
+            except TypeError:
+                raise TypeError(
+                    f"reduction_axes must be None, an int or a tuple of ints, got "
+                    f"{self.reduction_axes!r}."
+                ) from None
+            object.__setattr__(self, "reduction_axes", red)
+        object.__setattr__(
+            self,
+            "axis_index_groups",
+            checks.canonical_groups(self.axis_index_groups, self.axis_name),
+        )
+        checks.check_float_dtype("dtype", self.dtype)
+        checks.check_float_dtype("param_dtype", self.param_dtype, allow_none=False)
+
+    def _groups(self, channels: int) -> int:
+        """Number of groups for ``channels``, or a ValueError that says what divides."""
+        if self.group_size is not None:
+            if channels % self.group_size:
+                raise ValueError(
+                    f"GroupNorm: group_size={self.group_size} does not divide the "
+                    f"{channels} channels along feature_axis={self.feature_axis}; pick a "
+                    f"divisor of {channels}."
+                )
+            return channels // self.group_size
+        if channels % self.num_groups:
+            raise ValueError(
+                f"GroupNorm: num_groups={self.num_groups} does not divide the {channels} "
+                f"channels along feature_axis={self.feature_axis}; pick a divisor of {channels} "
+                f"(or set group_size and num_groups=None)."
+            )
+        return self.num_groups
+
+    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
+        """Returns ``(params, {})`` for ``features`` channels (an int or an example input)."""
+        if hasattr(features, "shape") and hasattr(features, "ndim"):
+            channels = features.shape[checks.resolve_axes(self.feature_axis, features.ndim)[0]]
+        elif isinstance(features, (int, np.integer)) and not isinstance(features, bool):
+            channels = int(features)
+        else:
+            raise TypeError(
+                f"GroupNorm.init expects the number of channels (an int) or an example input "
+                f"array, got {features!r}."
+            )
+        if channels <= 0:
+            raise ValueError(
+                f"GroupNorm.init: the number of channels must be positive, got {channels}."
+            )
+        self._groups(channels)
+        params = init_affine(
+            (channels,),
+            use_scale=self.use_scale,
+            use_bias=self.use_bias,
+            scale_init=self.scale_init,
+            bias_init=self.bias_init,
+            param_dtype=self.param_dtype,
+            key=key,
+        )
+        return params, {}
+
+    def apply(
+        self,
+        params: Params,
+        state: State,
+        x: jax.Array,
+        *,
+        training: bool,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, State]:
+        """Normalizes ``x``; returns ``(y, state)`` with ``state`` unchanged.
+
+        Args:
+          params: ``{"scale", "bias"}`` of shape ``[C]`` from :meth:`init`.
+          state: ``{}``.
+          x: floating-point input with channels along ``feature_axis``.
+          training: accepted for a uniform calling convention; no effect.
+          mask: boolean array broadcastable to ``x``; only True elements enter
+            the statistics.
+
+        Raises:
+          TypeError: integer input or a non-bool ``training``.
+          ValueError: channels not divisible into groups, reduction axes that
+            omit the feature axis, a feature-size mismatch, axes out of range,
+            a mask that does not broadcast, or an unbound ``axis_name``.
+        """
+        check_training(training, "GroupNorm")
+        checks.check_input(x)
+        x = jnp.asarray(x)
+        (c,) = checks.resolve_axes(self.feature_axis, x.ndim, "feature_axis")
+        if self.reduction_axes is None:
+            reduce = tuple(range(1, x.ndim))
+        else:
+            reduce = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
+        if c not in reduce:
+            raise ValueError(
+                f"GroupNorm: reduction_axes={self.reduction_axes!r} must include "
+                f"feature_axis={self.feature_axis} (axis {c} of an input of rank {x.ndim}): "
+                f"statistics are taken over the channels of each group."
+            )
+        scale, bias = get_affine(params, self.use_scale, self.use_bias, "GroupNorm")
+        checks.check_features(
+            x.shape, (c,), {"params['scale']": scale, "params['bias']": bias}, self.feature_axis
+        )
+        channels = x.shape[c]
+        groups = self._groups(channels)
+        mask = checks.check_mask(mask, x.shape)
+        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "GroupNorm")
+
+        # Split the channel axis c into (groups, channels per group) at c, c + 1.
+        split = (*x.shape[:c], groups, channels // groups, *x.shape[c + 1 :])
+        reduce_g = tuple(sorted([a + (a > c) for a in reduce if a != c] + [c + 1]))
+        pshape = [1] * (x.ndim + 1)
+        pshape[c], pshape[c + 1] = groups, channels // groups
+        if mask is not None:
+            mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+            if mask.shape[c] == 1:
+                mask = jnp.expand_dims(mask, c + 1)
+            else:
+                mask = mask.reshape((*mask.shape[:c], *split[c : c + 2], *mask.shape[c + 1 :]))
+        cfg = StatsConfig(
+            axes=reduce_g,
+            epsilon=float(self.epsilon),
+            out_dtype=jnp.dtype(self.dtype or x.dtype),
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            fast_variance=self.use_fast_variance,
+        )
+        y, _, _, _ = batch_normalize(
+            x.reshape(split),
+            None if scale is None else scale.reshape(pshape),
+            None if bias is None else bias.reshape(pshape),
+            mask,
+            cfg,
+        )
+        return y.reshape(x.shape), state
+
+
+def group_norm(
+    params: Params,
+    state: State,
+    x: jax.Array,
+    *,
+    training: bool,
+    mask: jax.Array | None = None,
+    **config: Any,
+) -> tuple[jax.Array, State]:
+    """Functional form of :class:`GroupNorm`: ``GroupNorm(**config).apply(...)``.
+
+    Example::
+
+        y, _ = bn_jax.group_norm(params, {}, x, training=True, num_groups=8)
+    """
+    return GroupNorm(**config).apply(params, state, x, training=training, mask=mask)

@@ -1,0 +1,233 @@
+"""Instance Normalization (Ulyanov, Vedaldi & Lempitsky, 2016)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bn_jax._core import checks
+from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax._core.running import update_running
+from bn_jax.norms._common import (
+    Initializer,
+    Params,
+    State,
+    average_stats,
+    broadcastable,
+    feature_shape,
+    get_affine,
+    init_affine,
+)
+from bn_jax.norms.batch_norm import check_training, normalize_with
+from bn_jax.norms.layer_norm import _axes
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceNorm:
+    r"""Instance Normalization: normalize each channel of each example on its own.
+
+    For every example ``n`` (axis 0) and feature ``c``, over the remaining
+    (spatial, temporal) axes::
+
+        mu, var = mean(x[n, ..., c]), mean((x[n, ..., c] - mu)**2)
+        y = (x - mu) / sqrt(var + epsilon) * scale + bias
+
+    With ``track_running_stats=True`` (PyTorch's option) the state holds
+    running ``mean`` / ``var`` of shape ``[*features]``, updated in training
+    with the average over the batch of the instance statistics
+    (``new = momentum * old + (1 - momentum) * avg``, BatchNorm's Flax
+    convention), and evaluation normalizes with them instead of the
+    instance statistics. Otherwise ``state`` is ``{}`` and ``training`` has
+    no effect.
+
+    When to use it: style transfer and image generation, where the contrast
+    of each image should be removed; also GroupNorm with one channel per
+    group.
+
+    Args:
+      epsilon: added to the variance; must be positive (Flax's default 1e-6;
+        PyTorch uses 1e-5).
+      dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as in
+        :class:`BatchNorm` (PyTorch's default ``affine=False`` is
+        ``use_scale=False, use_bias=False``).
+      feature_axes: the channel axes (default ``-1``; ``1`` for NCHW); may not
+        include the batch axis 0.
+      axis_name: a mapped axis over which the spatial axes are split, as in
+        ``flax.linen.InstanceNorm``.
+      axis_index_groups: merge within these groups of devices only.
+      use_fast_variance: ``E[x^2] - E[x]^2`` instead of the shifted formula.
+      track_running_stats: keep running statistics for evaluation.
+      momentum: weight of the old running statistics (PyTorch's 0.1 is 0.9
+        here); ``None`` keeps the cumulative average.
+      unbiased_running_var: average the unbiased instance variances into the
+        running variance, as PyTorch does.
+
+    Example::
+
+        norm = bn_jax.InstanceNorm(use_scale=False, use_bias=False)
+        params, state = norm.init(3)                 # {}, {}
+        y, _ = norm.apply(params, state, images, training=True)   # [N, H, W, 3]
+
+    Reference: D. Ulyanov, A. Vedaldi and V. Lempitsky, "Instance
+    Normalization: The Missing Ingredient for Fast Stylization",
+    arXiv:1607.08022, 2016.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = jax.nn.initializers.zeros
+    scale_init: Initializer = jax.nn.initializers.ones
+    feature_axes: int | tuple[int, ...] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    use_fast_variance: bool = False
+    track_running_stats: bool = False
+    momentum: float | None = 0.99
+    unbiased_running_var: bool = False
+
+    def __post_init__(self) -> None:
+        checks.check_epsilon(self.epsilon)
+        checks.check_momentum(self.momentum)
+        object.__setattr__(self, "feature_axes", _axes(self.feature_axes, "feature_axes"))
+        object.__setattr__(
+            self,
+            "axis_index_groups",
+            checks.canonical_groups(self.axis_index_groups, self.axis_name),
+        )
+        checks.check_float_dtype("dtype", self.dtype)
+        checks.check_float_dtype("param_dtype", self.param_dtype, allow_none=False)
+
+    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
+        """Returns ``(params, state)``; ``state`` is ``{}`` unless ``track_running_stats``."""
+        shape = feature_shape(features, self.feature_axes, "InstanceNorm")
+        params = init_affine(
+            shape,
+            use_scale=self.use_scale,
+            use_bias=self.use_bias,
+            scale_init=self.scale_init,
+            bias_init=self.bias_init,
+            param_dtype=self.param_dtype,
+            key=key,
+        )
+        if not self.track_running_stats:
+            return params, {}
+        dt = checks.stat_dtype(self.param_dtype)
+        state = {"mean": jnp.zeros(shape, dt), "var": jnp.ones(shape, dt)}
+        if self.momentum is None:
+            state["count"] = jnp.zeros(shape, jnp.int32)
+        return params, state
+
+    def apply(
+        self,
+        params: Params,
+        state: State,
+        x: jax.Array,
+        *,
+        training: bool,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, State]:
+        """Normalizes ``x``; returns ``(y, new_state)``.
+
+        Args:
+          params: ``{"scale", "bias"}`` from :meth:`init`.
+          state: ``{}``, or ``{"mean", "var"}`` with ``track_running_stats``.
+          x: floating-point input ``[batch, ..., features]``.
+          training: with ``track_running_stats``, instance statistics and an
+            updated state (True) or running statistics (False); otherwise no
+            effect.
+          mask: boolean array broadcastable to ``x``; only True elements enter
+            the statistics.
+
+        Raises:
+          TypeError: integer input or a non-bool ``training``.
+          ValueError: feature axes that include axis 0, a feature-size
+            mismatch, axes out of range, a mask that does not broadcast, a
+            single value per instance and channel, or an unbound ``axis_name``.
+        """
+        training = check_training(training, "InstanceNorm")
+        checks.check_input(x)
+        x = jnp.asarray(x)
+        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
+        if 0 in feature_axes:
+            raise ValueError(
+                f"InstanceNorm: feature_axes={self.feature_axes!r} includes axis 0, the batch "
+                f"axis; put the batch first."
+            )
+        scale, bias = get_affine(params, self.use_scale, self.use_bias, "InstanceNorm")
+        arrays = {"params['scale']": scale, "params['bias']": bias}
+        track = self.track_running_stats
+        if track:
+            if "mean" not in state or "var" not in state:
+                raise ValueError(
+                    f"InstanceNorm: track_running_stats=True but state has keys "
+                    f"{sorted(state)}; build the state with InstanceNorm.init."
+                )
+            arrays["state['mean']"], arrays["state['var']"] = state["mean"], state["var"]
+        shape = checks.check_features(x.shape, feature_axes, arrays, self.feature_axes)
+        out_dtype = jnp.dtype(self.dtype or x.dtype)
+        scale = broadcastable(scale, x.ndim, feature_axes)
+        bias = broadcastable(bias, x.ndim, feature_axes)
+        if track and not training:
+            y = normalize_with(
+                x, state["mean"], state["var"], scale, bias, feature_axes, self.epsilon, out_dtype
+            )
+            return y, state
+
+        reduce_axes = tuple(i for i in range(1, x.ndim) if i not in feature_axes)
+        mask = checks.check_mask(mask, x.shape)
+        devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, "InstanceNorm")
+        if mask is None and math.prod(x.shape[i] for i in reduce_axes) * devices <= 1:
+            raise ValueError(
+                f"InstanceNorm: x.shape={tuple(x.shape)} with feature_axes="
+                f"{self.feature_axes!r} leaves a single value per instance and channel (no "
+                f"spatial axes); its variance is meaningless. Did you mean LayerNorm or "
+                f"BatchNorm?"
+            )
+        cfg = StatsConfig(
+            axes=reduce_axes,
+            epsilon=float(self.epsilon),
+            out_dtype=out_dtype,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            fast_variance=self.use_fast_variance,
+        )
+        y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
+        if not (track and training):
+            return y, state
+        # Statistics are already merged over axis_name (it splits the spatial
+        # axes), so the average over instances needs no further collective.
+        mean, var, count = average_stats(mean, var, count, unbiased=self.unbiased_running_var)
+        new_state = update_running(
+            state,
+            mean.reshape(shape),
+            var.reshape(shape),
+            count.reshape(shape),
+            momentum=self.momentum,
+        )
+        return y, new_state
+
+
+def instance_norm(
+    params: Params,
+    state: State,
+    x: jax.Array,
+    *,
+    training: bool,
+    mask: jax.Array | None = None,
+    **config: Any,
+) -> tuple[jax.Array, State]:
+    """Functional form of :class:`InstanceNorm`: ``InstanceNorm(**config).apply(...)``.
+
+    Example::
+
+        y, _ = bn_jax.instance_norm(params, {}, x, training=True)
+    """
+    return InstanceNorm(**config).apply(params, state, x, training=training, mask=mask)

@@ -1,0 +1,202 @@
+"""Root Mean Square Layer Normalization (Zhang & Sennrich, 2019)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bn_jax._core import checks
+from bn_jax._core.stats import group_sum
+from bn_jax.norms._common import (
+    Initializer,
+    Params,
+    State,
+    broadcastable,
+    feature_shape,
+    get_affine,
+    init_affine,
+)
+from bn_jax.norms.batch_norm import check_training
+from bn_jax.norms.layer_norm import _axes
+
+
+def rms_normalize(
+    x: jax.Array,
+    scale: jax.Array | None,
+    mask: jax.Array | None,
+    *,
+    axes: tuple[int, ...],
+    epsilon: float,
+    out_dtype: Any,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> jax.Array:
+    """``x * rsqrt(mean(x**2) + epsilon) * scale`` with the mean over ``axes``.
+
+    Reduced in at least float32; with ``mask`` only True elements enter the
+    mean; with ``axis_name`` the sum of squares and the count are summed over
+    the devices in one collective. Differentiated by JAX (the formula is
+    already one reduction and one elementwise pass each way).
+    """
+    dt = checks.stat_dtype(x.dtype)
+    xf = x.astype(dt)
+    sq = xf * xf
+    if mask is None:
+        ss = jnp.sum(sq, axes, keepdims=True)
+        n = jnp.asarray(math.prod(x.shape[a] for a in axes), dt)
+    else:
+        mask = jnp.broadcast_to(mask, x.shape)
+        ss = jnp.sum(jnp.where(mask, sq, 0), axes, keepdims=True)
+        n = jnp.sum(mask, axes, keepdims=True, dtype=dt)
+    if axis_name is not None:
+        n = jnp.broadcast_to(n, ss.shape)
+        ss, n = group_sum(jnp.stack([ss, n]), axis_name, axis_index_groups)
+    y = xf * lax.rsqrt(ss / jnp.maximum(n, 1) + epsilon)
+    if scale is not None:
+        y = y * scale.astype(dt)
+    return y.astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSNorm:
+    r"""RMS normalization: rescale each example by its root mean square, no centering.
+
+    For every example (every position outside ``reduction_axes``)::
+
+        y = x / sqrt(mean(x**2) + epsilon) * scale     # mean over reduction_axes
+
+    There is no mean subtraction and no bias. No running statistics: ``state``
+    is ``{}``; ``training`` is accepted and ignored.
+
+    When to use it: transformers (LLaMA, T5, Gemma use it in place of
+    LayerNorm): cheaper than LayerNorm (one reduction, no centering) and, in
+    Zhang & Sennrich's experiments, as accurate.
+
+    Args:
+      epsilon: added to the mean square; must be positive (Flax's default
+        1e-6).
+      dtype: output dtype; ``None`` keeps the input's. The mean square is
+        reduced in at least float32.
+      param_dtype: dtype of ``scale``.
+      use_scale, scale_init: learn ``scale`` (absent from params when False).
+      reduction_axes: axes the mean square is taken over (default ``-1``).
+      feature_axes: axes of ``scale`` (default ``-1``).
+      axis_name: a mapped axis over which the reduced axes are split
+        (model/sequence parallelism), as in ``flax.linen.RMSNorm``.
+      axis_index_groups: merge within these groups of devices only.
+
+    Example::
+
+        norm = bn_jax.RMSNorm()
+        params, state = norm.init(512)               # {"scale": [512]}, {}
+        y, _ = norm.apply(params, state, x, training=True)
+
+    Reference: B. Zhang and R. Sennrich, "Root Mean Square Layer
+    Normalization", NeurIPS 2019.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer = jax.nn.initializers.ones
+    reduction_axes: int | tuple[int, ...] = -1
+    feature_axes: int | tuple[int, ...] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+
+    def __post_init__(self) -> None:
+        checks.check_epsilon(self.epsilon)
+        object.__setattr__(self, "reduction_axes", _axes(self.reduction_axes, "reduction_axes"))
+        object.__setattr__(self, "feature_axes", _axes(self.feature_axes, "feature_axes"))
+        object.__setattr__(
+            self,
+            "axis_index_groups",
+            checks.canonical_groups(self.axis_index_groups, self.axis_name),
+        )
+        checks.check_float_dtype("dtype", self.dtype)
+        checks.check_float_dtype("param_dtype", self.param_dtype, allow_none=False)
+
+    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
+        """Returns ``({"scale"}, {})`` for ``features`` (a size, sizes or an example)."""
+        shape = feature_shape(features, self.feature_axes, type(self).__name__)
+        params = init_affine(
+            shape,
+            use_scale=self.use_scale,
+            use_bias=False,
+            scale_init=self.scale_init,
+            bias_init=jax.nn.initializers.zeros,
+            param_dtype=self.param_dtype,
+            key=key,
+        )
+        return params, {}
+
+    def apply(
+        self,
+        params: Params,
+        state: State,
+        x: jax.Array,
+        *,
+        training: bool,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, State]:
+        """Normalizes ``x``; returns ``(y, state)`` with ``state`` unchanged.
+
+        Args:
+          params: ``{"scale"}`` from :meth:`init` (``{}`` when ``use_scale=False``).
+          state: ``{}``.
+          x: floating-point input.
+          training: accepted for a uniform calling convention; no effect.
+          mask: boolean array broadcastable to ``x``; only True elements enter
+            the mean square.
+
+        Raises:
+          TypeError: integer input or a non-bool ``training``.
+          ValueError: feature-size mismatch, axes out of range, a mask that
+            does not broadcast, or an unbound ``axis_name``.
+        """
+        name = type(self).__name__
+        check_training(training, name)
+        checks.check_input(x)
+        x = jnp.asarray(x)
+        reduce_axes = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
+        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
+        scale, _ = get_affine(params, self.use_scale, False, name)
+        checks.check_features(x.shape, feature_axes, {"params['scale']": scale}, self.feature_axes)
+        mask = checks.check_mask(mask, x.shape)
+        checks.bound_axis_size(self.axis_name, self.axis_index_groups, name)
+        y = rms_normalize(
+            x,
+            broadcastable(scale, x.ndim, feature_axes),
+            mask,
+            axes=reduce_axes,
+            epsilon=float(self.epsilon),
+            out_dtype=jnp.dtype(self.dtype or x.dtype),
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
+        return y, state
+
+
+def rms_norm(
+    params: Params,
+    state: State,
+    x: jax.Array,
+    *,
+    training: bool,
+    mask: jax.Array | None = None,
+    **config: Any,
+) -> tuple[jax.Array, State]:
+    """Functional form of :class:`RMSNorm`: ``RMSNorm(**config).apply(...)``.
+
+    Example::
+
+        y, _ = bn_jax.rms_norm(params, {}, x, training=True)
+    """
+    return RMSNorm(**config).apply(params, state, x, training=training, mask=mask)

@@ -1,0 +1,102 @@
+"""The examples run: the demo with tiny settings, the pure-JAX and nnx scripts.
+
+Each runs as a subprocess, as a user would run it. The accuracy thresholds
+are far below what the defaults reach, but far above chance (0.1): they fail
+if training does not train.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def run(script, *args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user has
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def table_rows(out):
+    """``{variant: [cells]}`` of the per-learning-rate table."""
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"\| (none|BatchNorm|GroupNorm|BatchRenorm) \| (.*) \|$", line)
+        if m and m.group(1) not in rows:
+            rows[m.group(1)] = [c.strip() for c in m.group(2).split("|")]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "curves.png"
+    args = ["--steps", "12", "--eval-every", "6", "--lrs", "0.05,2.0", "--no-progress"]
+    stdout = run("train_digits.py", *args, "--seed", "3", "--out", str(out))
+    return stdout, out, args
+
+
+def test_demo_prints_table_and_saves_plot(demo):
+    stdout, out, _ = demo
+    rows = table_rows(stdout)
+    assert list(rows) == ["none", "BatchNorm", "GroupNorm", "BatchRenorm"], stdout
+    for name, cells in rows.items():
+        assert len(cells) == 2, (name, cells)  # one cell per learning rate
+        for cell in cells:
+            acc, steps = re.fullmatch(r"(\S+) \((\w+)\)", cell).groups()
+            assert 0.0 <= float(acc) <= 1.0 or acc == "nan", cell
+            assert steps == "never" or int(steps) in (0, 6, 12), cell
+    assert "| variant | best lr | final test acc | best test acc | steps to 95% |" in stdout
+    assert f"plot saved to {out}" in stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_same_seed_same_table(demo, tmp_path):
+    stdout, _, args = demo
+    again = run("train_digits.py", *args, "--seed", "3", "--out", str(tmp_path / "again.png"))
+    table = lambda s: [line for line in s.splitlines() if line.startswith("|")]
+    assert table(again) == table(stdout)
+
+
+def test_demo_help_and_bad_variant():
+    help_text = run("train_digits.py", "--help")
+    for flag in ("--seed", "--lrs", "--steps", "--batch-size", "--variants", "--out"):
+        assert flag in help_text
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_digits.py"), "--variants", "LayerNorm"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "unknown variant 'LayerNorm'" in proc.stderr
+
+
+def final_accuracy(stdout):
+    return float(re.search(r"final test accuracy ([0-9.]+)", stdout).group(1))
+
+
+def test_pure_jax_example_trains():
+    stdout = run("pure_jax.py", "--steps", "60")
+    assert final_accuracy(stdout) > 0.6, stdout
+
+
+def test_nnx_example_trains_and_eval_is_batch_independent():
+    stdout = run("nnx_model.py", "--steps", "40")
+    assert final_accuracy(stdout) > 0.6, stdout
+    assert "running mean unchanged: True" in stdout, stdout
+    diff = float(re.search(r"max difference ([0-9.e+-]+)", stdout).group(1))
+    assert diff < 1e-4, stdout
