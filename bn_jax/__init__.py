@@ -28,6 +28,7 @@ from bn_jax.inference import fold_batch_norms
 from bn_jax.inference import fold_into_conv
 from bn_jax.inference import fold_into_dense
 from bn_jax.inference import recalibrate
+from bn_jax import interop
 
 __version__ = "0.1.0"
 
@@ -52,4 +53,5 @@ __all__ = [
     "fold_into_conv",
     "fold_into_dense",
     "recalibrate",
+    "interop",
 ]

@@ -201,7 +201,7 @@ def _make_workload(lib: Library, workload: str, mode: str, layers: int):
 
         def loss(p, s, x, w):
             y, new = forward(p, s, x, True)
-            return jnp.sum(y.astype(jnp.float32) * w.astype(jnp.float32)), new
+            return jnp.sum(y * w.astype(y.dtype), dtype=jnp.float32), new
 
         fn = jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True))
     return fn, n_layers

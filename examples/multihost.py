@@ -68,12 +68,10 @@ def launch_local(args: argparse.Namespace, argv: list[str]) -> int:
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n_dev}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     passthrough = _drop_option(argv, "--local-processes")
+    peers = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(args.local_processes)]
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, *passthrough]
-            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(args.local_processes)]
-            + ["--process-id", str(i)],
-            env=env,
+            [sys.executable, __file__, *passthrough, *peers, "--process-id", str(i)], env=env
         )
         for i in range(args.local_processes)
     ]
@@ -153,10 +151,10 @@ def run_process(args: argparse.Namespace) -> None:
     )
 
     d_in, classes = 16, 4
-    x_all, y_all = make_data(jax.random.key(0), 4096, d_in, classes)
-    x_test, y_test = make_data(jax.random.key(0), 1024, d_in, classes)
+    x_all, y_all = make_data(0, 5120, d_in, classes)  # one set of class centers
+    (x_all, x_test), (y_all, y_test) = np.split(x_all, [4096]), np.split(y_all, [4096])
     norm = bn_jax.BatchNorm(axis_name=AXIS, momentum=0.9)
-    params, state = init_model(jax.random.key(1), d_in, args.hidden, classes, norm)
+    params, state = init_model(2, d_in, args.hidden, classes, norm)
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(params)
     train_step = make_train_step(mesh, norm, optimizer)

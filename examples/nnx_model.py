@@ -12,6 +12,7 @@ layer; ``model.train()`` makes BatchNorm use (and update) batch statistics,
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import jax
@@ -28,9 +29,8 @@ class MLP(nnx.Module):
     """Linear -> BatchNorm -> relu, twice, and a linear head."""
 
     def __init__(self, sizes: tuple[int, ...], *, rngs: nnx.Rngs):
-        self.hidden = nnx.List(
-            [nnx.Linear(a, b, use_bias=False, rngs=rngs) for a, b in zip(sizes[:-2], sizes[1:-1])]
-        )
+        pairs = list(itertools.pairwise(sizes[:-1]))  # (in, out) of the hidden layers
+        self.hidden = nnx.List([nnx.Linear(a, b, use_bias=False, rngs=rngs) for a, b in pairs])
         self.norms = nnx.List([bnnx.BatchNorm(b, momentum=0.9, rngs=rngs) for b in sizes[1:-1]])
         self.head = nnx.Linear(sizes[-2], sizes[-1], rngs=rngs)
 

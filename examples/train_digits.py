@@ -233,8 +233,19 @@ def summarize(results: dict[str, dict[str, Any]], lrs: Sequence[float]) -> str:
                 + "."
             )
         else:
-            lines.append("The unnormalized model trained (>= 50%) at every learning rate of the grid.")
+            lines.append(
+                "The unnormalized model trained (>= 50%) at every learning rate of the grid."
+            )
     return "\n".join(lines)
+
+
+def high_lr_index(results: dict[str, dict[str, Any]], lrs: Sequence[float]) -> int:
+    """The smallest learning rate at which the unnormalized model failed, else the largest."""
+    if "none" in results:
+        failed = [i for i, a in enumerate(results["none"]["acc"][:, -1]) if not a >= 0.5]
+        if failed:
+            return failed[0]
+    return len(lrs) - 1
 
 
 def plot(results: dict[str, dict[str, Any]], lrs: Sequence[float], path: pathlib.Path, title: str):
@@ -244,7 +255,7 @@ def plot(results: dict[str, dict[str, Any]], lrs: Sequence[float], path: pathlib
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=80)
-    hi = len(lrs) - 1
+    hi = high_lr_index(results, lrs)
     for name, r in results.items():
         best = int(np.argmax(r["acc"][:, -1]))
         (line,) = axes[0].plot(r["steps"], r["acc"][best], label=f"{name} (lr={lrs[best]:g})")
@@ -260,7 +271,7 @@ def plot(results: dict[str, dict[str, Any]], lrs: Sequence[float], path: pathlib
     for ax in axes:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="lower left" if ax is axes[2] else "lower right")
     axes[0].set_ylabel("test accuracy")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -49,11 +49,18 @@ def cells_from_source(text: str) -> list:
 def build(src: pathlib.Path, timeout: int = 300) -> float:
     nb = nbformat.v4.new_notebook()
     nb.cells = cells_from_source(src.read_text())
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.metadata["language_info"] = {"name": "python"}
     start = time.perf_counter()
     NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", record_timing=False,
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        record_timing=False,
         resources={"metadata": {"path": str(HERE)}},
     ).execute()
     elapsed = time.perf_counter() - start

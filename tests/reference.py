@@ -191,3 +191,22 @@ def batch_renorm_train(x, run_mean, run_var, rmax, dmax, scale=None, bias=None, 
 def feature_axes_of(ndim, axes):
     a = (axes,) if isinstance(axes, int) else tuple(axes)
     return tuple(sorted(i % ndim for i in a))
+
+
+def torch_bn_train_step(
+    x, running_mean, running_var, weight, bias, *, momentum=0.1, eps=1e-5, num_batches=0
+):
+    """PyTorch's documented training-mode BatchNorm on channels-first input, float64.
+
+    Normalizes with the biased batch variance; the running variance tracks the
+    unbiased one; ``momentum`` weighs the *new* batch (``None``: cumulative
+    average with factor ``1 / num_batches_tracked``). Returns
+    ``(y, new_running_mean, new_running_var, num_batches + 1)``.
+    """
+    mean, var, n = bn_stats(x, axis=1)
+    y = bn_train(x, weight, bias, axis=1, eps=eps)
+    factor = 1.0 / (num_batches + 1) if momentum is None else momentum
+    unbiased = var * n / (n - 1)
+    new_mean = (1 - factor) * np.asarray(running_mean, np.float64) + factor * mean
+    new_var = (1 - factor) * np.asarray(running_var, np.float64) + factor * unbiased
+    return y, new_mean, new_var, num_batches + 1

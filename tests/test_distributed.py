@@ -192,14 +192,14 @@ def test_pmap_and_vmap_match_single_device(data, transform):
 
 
 @pytest.mark.parametrize(
-    "groups", [((0, 1, 2, 3), (4, 5, 6, 7)), ((0, 2, 4, 6), (1, 3, 5, 7))], ids=["halves", "strided"]
+    "groups",
+    [((0, 1, 2, 3), (4, 5, 6, 7)), ((0, 2, 4, 6), (1, 3, 5, 7))],
+    ids=["halves", "strided"],
 )
 @pytest.mark.parametrize("transform", ["shard_map", "pmap"])
 def test_axis_index_groups_sync_within_groups(mesh, data, groups, transform):
     x, w, params, state = data
-    norm = bn_jax.BatchNorm(
-        axis_name="d", axis_index_groups=groups, momentum=MOMENTUM, epsilon=EPS
-    )
+    norm = bn_jax.BatchNorm(axis_name="d", axis_index_groups=groups, momentum=MOMENTUM, epsilon=EPS)
 
     if transform == "shard_map":
         f = jax.jit(
@@ -234,6 +234,24 @@ def test_axis_index_groups_sync_within_groups(mesh, data, groups, transform):
         for d in group:
             assert_close({k: v[d] for k, v in per_device.items()}, state_ref, 1e-6, f"state {d}")
     assert_close(gp_total, gp_ref_total, 1e-4, "grad wrt scale/bias")
+
+
+def test_tuple_axis_name_on_2d_mesh(data):
+    """A batch sharded over two mesh axes syncs over both, still with one gather."""
+    x, w, params, state = data
+    mesh2 = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    norm = bn_jax.BatchNorm(axis_name=("data", "fsdp"), momentum=MOMENTUM, epsilon=EPS)
+    rows = P(("data", "fsdp"))
+    f = jax.shard_map(
+        lambda p, s, x, w: (lambda y, s, g: (y, stacked(s), g))(*bn_step(norm, p, s, x, w)),
+        mesh=mesh2,
+        in_specs=(P(), P(), rows, rows),
+        out_specs=(rows, rows, (P(), rows)),
+    )
+    y, per_device, grads = jax.jit(f)(params, state, x, w)
+    check_against_reference(data, y, per_device, grads)
+    ops = sorted(collectives(f, params, state, x, w))
+    assert ops == [("all-gather", N_DEV * 3 * C), ("all-reduce", 2 * C)], ops
 
 
 def test_jit_over_batch_sharded_global_array(mesh, data):
@@ -271,7 +289,9 @@ def test_mask_with_uneven_valid_counts_is_pooled_by_count(mesh, data):
     check_against_reference(data, y, per_device, grads, mask=mask)
     # an unweighted average of per-device masked means (Flax) would differ
     dev_means = [
-        ref.bn_stats(x[d * PER_DEV : (d + 1) * PER_DEV], mask=mask[d * PER_DEV : (d + 1) * PER_DEV])[0]
+        ref.bn_stats(
+            x[d * PER_DEV : (d + 1) * PER_DEV], mask=mask[d * PER_DEV : (d + 1) * PER_DEV]
+        )[0]
         for d in range(1, N_DEV)
     ]
     naive = ref.ema(state["mean"], np.mean(dev_means, 0), MOMENTUM)

@@ -8,6 +8,7 @@ References: float64 NumPy formulas (tests/reference.py), ``flax.linen`` with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as fnn
@@ -33,6 +34,16 @@ def rand_affine(norm, features, seed=1):
         k: jnp.asarray(1.0 + 0.5 * rng.standard_normal(v.shape), v.dtype) for k, v in params.items()
     }
     return params, state
+
+
+@functools.cache
+def _jitted(norm, training):
+    return jax.jit(lambda p, s, x, **kw: norm.apply(p, s, x, training=training, **kw))
+
+
+def run(norm, params, state, x, *, training, **kw):
+    """``norm.apply`` under ``jit`` (one compile per config and shape: far cheaper than eager)."""
+    return _jitted(norm, training)(params, state, x, **kw)
 
 
 def jgrad(f):
@@ -72,7 +83,7 @@ def test_layer_norm_matches_flax_and_numpy(shape, red, feat):
     fa = ref.feature_axes_of(len(shape), feat)
     params, state = rand_affine(norm, tuple(shape[a] for a in fa))
     assert state == {}
-    y, out_state = jax.jit(lambda p, x: norm.apply(p, {}, x, training=True))(params, x)
+    y, out_state = jax.jit(lambda p, x: run(norm, p, {}, x, training=True))(params, x)
     assert out_state == {}
     close(y, ref.layer_norm(x, params["scale"], params["bias"], red, feat), rtol=2e-5, atol=2e-5)
     flax_y = flax_apply(
@@ -86,11 +97,11 @@ def test_layer_norm_mask_dtype_and_training_ignored():
     x = rand((4, 3, 8))
     mask = np.random.default_rng(2).random((4, 3, 8)) > 0.3
     params, _ = rand_affine(norm, 8)
-    y, _ = norm.apply(params, {}, x, training=True, mask=mask)
+    y, _ = run(norm, params, {}, x, training=True, mask=mask)
     close(y, ref.layer_norm(x, params["scale"], params["bias"], mask=mask), rtol=2e-5, atol=2e-5)
-    y_eval, _ = norm.apply(params, {}, x, training=False, mask=mask)
+    y_eval, _ = run(norm, params, {}, x, training=False, mask=mask)
     np.testing.assert_array_equal(y, y_eval)
-    yb, _ = norm.apply(params, {}, x.astype(jnp.bfloat16), training=False)
+    yb, _ = run(norm, params, {}, x.astype(jnp.bfloat16), training=False)
     assert yb.dtype == jnp.bfloat16
     close(yb, ref.layer_norm(x.astype(jnp.bfloat16), params["scale"], params["bias"]), 2e-2, 2e-2)
 
@@ -106,7 +117,7 @@ def test_layer_norm_gradient_matches_plain_formula():
         var = jnp.mean((x - mu) ** 2, (1, 2), keepdims=True)
         return jnp.sum(w * ((x - mu) / jnp.sqrt(var + 1e-6) * p["scale"] + p["bias"]))
 
-    ours = lambda p, x: jnp.sum(w * norm.apply(p, {}, x, training=True)[0])
+    ours = lambda p, x: jnp.sum(w * run(norm, p, {}, x, training=True)[0])
     for a, b in zip(jgrad(ours)(params, x), jgrad(plain)(params, x), strict=True):
         jax.tree.map(lambda u, v: close(u, v, 1e-4, 1e-4), a, b)
 
@@ -118,7 +129,7 @@ def test_rms_norm_matches_flax_and_numpy(shape, red, feat):
     fa = ref.feature_axes_of(len(shape), feat)
     params, state = rand_affine(norm, tuple(shape[a] for a in fa))
     assert set(params) == {"scale"} and state == {}
-    y, _ = jax.jit(lambda p, x: norm.apply(p, {}, x, training=True))(params, x)
+    y, _ = jax.jit(lambda p, x: run(norm, p, {}, x, training=True))(params, x)
     close(y, ref.rms_norm(x, params["scale"], red, feat), rtol=2e-5, atol=2e-5)
     flax_y = flax_apply(
         fnn.RMSNorm(reduction_axes=red, feature_axes=feat, use_fast_variance=False), x, params
@@ -130,17 +141,17 @@ def test_rms_norm_is_not_centered_mask_and_grad():
     norm = bn_jax.RMSNorm()
     x = rand((4, 8), loc=5.0)
     params, _ = rand_affine(norm, 8)
-    y, _ = norm.apply(params, {}, x, training=False)
+    y, _ = run(norm, params, {}, x, training=False)
     # the mean is kept: a LayerNorm would give mean 0
     assert np.all(np.asarray(y).mean(-1) / np.asarray(params["scale"]).mean() > 0.5)
     mask = np.random.default_rng(3).random((4, 8)) > 0.4
-    ym, _ = norm.apply(params, {}, x, training=True, mask=mask)
+    ym, _ = run(norm, params, {}, x, training=True, mask=mask)
     close(ym, ref.rms_norm(x, params["scale"], mask=mask), 2e-5, 2e-5)
     w = rand((4, 8), seed=4)
     plain = lambda p, x: jnp.sum(
         w * x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * p["scale"]
     )
-    ours = lambda p, x: jnp.sum(w * norm.apply(p, {}, x, training=True)[0])
+    ours = lambda p, x: jnp.sum(w * run(norm, p, {}, x, training=True)[0])
     for a, b in zip(jgrad(ours)(params, x), jgrad(plain)(params, x), strict=True):
         jax.tree.map(lambda u, v: close(u, v, 1e-4, 1e-4), a, b)
 
@@ -160,7 +171,7 @@ def test_group_norm_matches_flax_and_numpy(shape, kwargs):
     x = rand(shape, loc=2.0)
     params, state = rand_affine(norm, shape[-1])
     assert state == {}
-    y, _ = jax.jit(lambda p, x: norm.apply(p, {}, x, training=True))(params, x)
+    y, _ = jax.jit(lambda p, x: run(norm, p, {}, x, training=True))(params, x)
     groups = kwargs["num_groups"] or shape[-1] // kwargs["group_size"]
     red = kwargs.get("reduction_axes")
     close(
@@ -188,7 +199,7 @@ def test_group_norm_non_default_axes_against_numpy(shape, feature_axis, red):
     params, _ = rand_affine(norm, shape[feature_axis])
     mask = np.random.default_rng(5).random(shape) > 0.25
     for m in (None, mask):
-        y, _ = norm.apply(params, {}, x, training=True, mask=m)
+        y, _ = run(norm, params, {}, x, training=True, mask=m)
         expect = ref.group_norm(
             x,
             2,
@@ -214,7 +225,7 @@ def test_group_norm_gradient_matches_plain_formula():
         xh = ((xg - mu) / jnp.sqrt(var + 1e-6)).reshape(x.shape)
         return jnp.sum(w * (xh * p["scale"][:, None] + p["bias"][:, None]))
 
-    ours = lambda p, x: jnp.sum(w * norm.apply(p, {}, x, training=True)[0])
+    ours = lambda p, x: jnp.sum(w * run(norm, p, {}, x, training=True)[0])
     for a, b in zip(jgrad(ours)(params, x), jgrad(plain)(params, x), strict=True):
         jax.tree.map(lambda u, v: close(u, v, 1e-4, 1e-4), a, b)
 
@@ -228,7 +239,7 @@ def test_instance_norm_matches_numpy_and_flax(shape, feat):
     fa = ref.feature_axes_of(len(shape), feat)
     params, state = rand_affine(norm, tuple(shape[a] for a in fa))
     assert state == {}
-    y, _ = norm.apply(params, {}, x, training=True)
+    y, _ = run(norm, params, {}, x, training=True)
     close(y, ref.instance_norm(x, params["scale"], params["bias"], feat), 2e-5, 2e-5)
     flax_y = flax_apply(fnn.InstanceNorm(feature_axes=feat, use_fast_variance=False), x, params)
     close(y, flax_y, 2e-5, 2e-5)
@@ -243,10 +254,10 @@ def test_instance_norm_running_stats(unbiased):
     assert set(state) == {"mean", "var"}
     x0 = rand((4, 5, 5, 3))
     # eval before training: running stats mean 0, var 1
-    y0, same = norm.apply(params, state, x0, training=False)
+    y0, same = run(norm, params, state, x0, training=False)
     close(y0, x0 / np.sqrt(1 + 1e-6))
-    assert same is state
-    step = jax.jit(lambda s, x: norm.apply(params, s, x, training=True))
+    jax.tree.map(np.testing.assert_array_equal, same, state)
+    step = jax.jit(lambda s, x: run(norm, params, s, x, training=True))
     for seed in range(2):
         x = rand((4, 5, 5, 3), seed=seed, loc=seed + 1.0, scale=2.0)
         y, new = step(state, x)
@@ -257,7 +268,7 @@ def test_instance_norm_running_stats(unbiased):
         close(new["mean"], ref.ema(state["mean"], mean.mean(0), 0.9), 1e-5, 1e-5)
         close(new["var"], ref.ema(state["var"], var.mean(0), 0.9), 1e-5, 1e-5)
         state = new
-    y_eval, _ = norm.apply(params, state, x0, training=False)
+    y_eval, _ = run(norm, params, state, x0, training=False)
     close(y_eval, ref.bn_eval(x0, state["mean"], state["var"], eps=1e-6), 2e-5, 2e-5)
 
 
@@ -267,7 +278,7 @@ def test_instance_norm_running_stats(unbiased):
 
 
 def _train_steps(norm, params, state, xs, mask=None):
-    step = jax.jit(lambda p, s, x: norm.apply(p, s, x, training=True, mask=mask))
+    step = jax.jit(lambda p, s, x: run(norm, p, s, x, training=True, mask=mask))
     ys = []
     for x in xs:
         y, state = step(params, state, x)
@@ -300,7 +311,7 @@ def test_batch_renorm_unclipped_equals_running_normalization_with_bn_gradient():
     xs = [rand((8, 2, 4), seed=s, loc=0.5 * s, scale=1 + s) for s in range(3)]
     _, state = _train_steps(renorm, params, state, xs)  # non-trivial running stats
     x = rand((8, 2, 4), seed=11, loc=2.0, scale=3.0)
-    y, _ = renorm.apply(params, state, x, training=True)
+    y, _ = run(renorm, params, state, x, training=True)
     expect = ref.bn_eval(x, state["mean"], state["var"], params["scale"], params["bias"])
     close(y, expect, 1e-4, 1e-4)  # the output is normalization by the running statistics
     # ... but its gradient is BatchNorm's (through the batch statistics) with
@@ -315,11 +326,11 @@ def test_batch_renorm_unclipped_equals_running_normalization_with_bn_gradient():
         d = jax.lax.stop_gradient((mu - state["mean"]) / sigma)
         return jnp.sum(w * (((x - mu) / sb * r + d) * p["scale"] + p["bias"]))
 
-    ours = lambda p, x: jnp.sum(w * renorm.apply(p, state, x, training=True)[0])
+    ours = lambda p, x: jnp.sum(w * run(renorm, p, state, x, training=True)[0])
     g_ours = jgrad(ours)(params, x)
     jax.tree.map(lambda u, v: close(u, v, 1e-4, 1e-4), g_ours, jgrad(plain)(params, x))
     # and it is not the gradient of eval-mode normalization (which ignores the batch)
-    eval_loss = lambda p, x: jnp.sum(w * renorm.apply(p, state, x, training=False)[0])
+    eval_loss = lambda p, x: jnp.sum(w * run(renorm, p, state, x, training=False)[0])
     g_eval = jgrad(eval_loss)(params, x)[1]
     assert np.abs(np.asarray(g_ours[1]) - np.asarray(g_eval)).max() > 1e-2
 
@@ -329,7 +340,7 @@ def test_batch_renorm_clipping_and_schedules_against_numpy():
     dmax = lambda step: 0.1 * step
     renorm = bn_jax.BatchRenorm(rmax=rmax, dmax=dmax, momentum=0.5)
     params, state = rand_affine(renorm, 3)
-    step_fn = jax.jit(lambda s, x: renorm.apply(params, s, x, training=True))
+    step_fn = jax.jit(lambda s, x: run(renorm, params, s, x, training=True))
     clipped = 0
     for k in range(4):
         x = rand((5, 3), seed=k, loc=3.0 * k, scale=0.2 + 2 * k)
@@ -345,7 +356,7 @@ def test_batch_renorm_clipping_and_schedules_against_numpy():
         clipped += int(np.sum((r == rmax(k)) | (r == 1 / rmax(k)) | (np.abs(d) == dmax(k))))
         state = new
     assert clipped > 0  # the clipping was exercised
-    y_eval, _ = renorm.apply(params, state, x, training=False)
+    y_eval, _ = run(renorm, params, state, x, training=False)
     close(
         y_eval,
         ref.bn_eval(x, state["mean"], state["var"], params["scale"], params["bias"]),
@@ -377,8 +388,8 @@ def test_ghost_full_batch_is_batch_norm():
     )
     x_eval = rand((5, 2, 3), seed=9)  # eval: any batch size, BatchNorm's result
     close(
-        ghost.apply(params, s_g, x_eval, training=False)[0],
-        bn.apply(params, s_b, x_eval, training=False)[0],
+        run(ghost, params, s_g, x_eval, training=False)[0],
+        run(bn, params, s_b, x_eval, training=False)[0],
         0,
         0,
     )
@@ -394,10 +405,10 @@ def test_ghost_is_batch_norm_per_chunk(use_mask, unbiased):
     mask = (np.random.default_rng(1).random((v * k, 2, 1)) > 0.3) if use_mask else None
     chunks = [slice(j * v, (j + 1) * v) for j in range(k)]
     masks = [None if mask is None else mask[sl] for sl in chunks]
-    y, new = ghost.apply(params, state, x, training=True, mask=mask)
+    y, new = run(ghost, params, state, x, training=True, mask=mask)
     means, varis, counts = [], [], []
     for sl, m in zip(chunks, masks, strict=True):
-        yj, _ = bn.apply(params, state, x[sl], training=True, mask=m)
+        yj, _ = run(bn, params, state, x[sl], training=True, mask=m)
         close(y[sl], yj, 1e-5, 1e-5)
         close(yj, ref.bn_train(x[sl], params["scale"], params["bias"], mask=m), 2e-5, 2e-5)
         mean, var, n = ref.bn_stats(x[sl], mask=m)
@@ -409,11 +420,11 @@ def test_ghost_is_batch_norm_per_chunk(use_mask, unbiased):
     close(new["var"], ref.ema(state["var"], np.sum(varis, 0) / n, 0.6), 1e-5, 1e-5)
     # gradients: those of BatchNorm applied to each chunk separately
     w = rand(x.shape, seed=3)
-    ghost_loss = lambda p, x: jnp.sum(w * ghost.apply(p, state, x, training=True, mask=mask)[0])
+    ghost_loss = lambda p, x: jnp.sum(w * run(ghost, p, state, x, training=True, mask=mask)[0])
 
     def chunked_loss(p, x):
         return sum(
-            jnp.sum(w[sl] * bn.apply(p, state, x[sl], training=True, mask=m)[0])
+            jnp.sum(w[sl] * run(bn, p, state, x[sl], training=True, mask=m)[0])
             for sl, m in zip(chunks, masks, strict=True)
         )
 
@@ -443,14 +454,14 @@ def test_cross_device_equals_single_device(cls, cfg, shape):
     x = rand(shape, loc=1.0, scale=2.0)
     f = jax.jit(
         jax.shard_map(
-            lambda p, s, x: synced.apply(p, s, x, training=True),
+            lambda p, s, x: run(synced, p, s, x, training=True),
             mesh=mesh,
             in_specs=(P(), P(), P("d")),
             out_specs=(P("d"), P()),
         )
     )
     y, new = f(params, state, x)
-    y1, new1 = jax.jit(lambda p, s, x: single.apply(p, s, x, training=True))(params, state, x)
+    y1, new1 = jax.jit(lambda p, s, x: run(single, p, s, x, training=True))(params, state, x)
     close(y, y1, 1e-5, 1e-5)
     jax.tree.map(lambda u, v: close(u, v, 1e-5, 1e-5), new, new1)
 
@@ -471,13 +482,13 @@ def test_sharded_reduction_axes_equal_single_device(norm):
     x = rand((2, 8, 4), loc=1.0, scale=2.0)
     f = jax.jit(
         jax.shard_map(
-            lambda p, x: norm.apply(p, {}, x, training=True)[0],
+            lambda p, x: run(norm, p, {}, x, training=True)[0],
             mesh=mesh,
             in_specs=(P(), P(None, "d")),
             out_specs=P(None, "d"),
         )
     )
-    close(f(params, x), single.apply(params, {}, x, training=True)[0], 1e-5, 1e-5)
+    close(f(params, x), run(single, params, {}, x, training=True)[0], 1e-5, 1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -497,30 +508,30 @@ def seq_setup():
 def test_sequence_is_batch_norm_per_step(seq_setup):
     norm, params, state, x = seq_setup
     bn = bn_jax.BatchNorm(momentum=0.5)
-    y, new = jax.jit(lambda s, x: norm.apply(params, s, x, training=True))(state, x)
-    y_eval, same = norm.apply(params, new, x, training=False)
-    assert same is new
+    y, new = jax.jit(lambda s, x: run(norm, params, s, x, training=True))(state, x)
+    y_eval, same = run(norm, params, new, x, training=False)
+    jax.tree.map(np.testing.assert_array_equal, same, new)
     for t in range(x.shape[1]):
         slot = min(t, 2)
         slot_state = {k: v[slot] for k, v in state.items()}
-        yt, st = bn.apply(params, slot_state, x[:, t], training=True)
+        yt, st = run(bn, params, slot_state, x[:, t], training=True)
         close(y[:, t], yt, 1e-6, 1e-6)
         close(yt, ref.bn_train(x[:, t], params["scale"], params["bias"]), 2e-5, 2e-5)
         if t < 3:  # steps past max_steps leave the running stats alone
             for key in st:
                 close(new[key][t], st[key], 1e-6, 1e-6)
         new_slot = {k: v[slot] for k, v in new.items()}
-        ye, _ = bn.apply(params, new_slot, x[:, t], training=False)
+        ye, _ = run(bn, params, new_slot, x[:, t], training=False)
         close(y_eval[:, t], ye, 1e-6, 1e-6)  # eval: steps >= max_steps use the last slot
 
 
 def test_sequence_scan_step_by_step_equals_whole_sequence(seq_setup):
     norm, params, state, x = seq_setup
-    y, new = norm.apply(params, state, x, training=True)
+    y, new = run(norm, params, state, x, training=True)
 
     def body(s, inp):
         t, xt = inp
-        yt, s = norm.apply(params, s, xt, training=True, step=t)
+        yt, s = run(norm, params, s, xt, training=True, step=t)
         return s, yt
 
     steps = jnp.arange(x.shape[1], dtype=jnp.int32)
@@ -530,9 +541,9 @@ def test_sequence_scan_step_by_step_equals_whole_sequence(seq_setup):
     close(jnp.swapaxes(ys, 0, 1), y, 1e-6, 1e-6)
     jax.tree.map(lambda u, v: close(u, v, 1e-6, 1e-6), s_scan, new)
     # eval step by step (a Python int step too)
-    y_eval, _ = norm.apply(params, new, x, training=False)
+    y_eval, _ = run(norm, params, new, x, training=False)
     for t in range(x.shape[1]):
-        yt, _ = norm.apply(params, new, x[:, t], training=False, step=t)
+        yt, _ = run(norm, params, new, x[:, t], training=False, step=t)
         close(yt, y_eval[:, t], 1e-6, 1e-6)
 
 
@@ -541,11 +552,11 @@ def test_sequence_masks_and_time_major(seq_setup):
     lengths = np.array([5, 3, 2, 5, 1, 4])
     mask = (np.arange(5)[None, :] < lengths[:, None])[..., None]  # [B, T, 1]
     mask[:, 4] = False  # no sequence reaches the last step... except none: all padded
-    y, new = norm.apply(params, state, x, training=True, mask=mask)
+    y, new = run(norm, params, state, x, training=True, mask=mask)
     bn = bn_jax.BatchNorm(momentum=0.5)
     for t in range(3):
-        yt, st = bn.apply(
-            params, {k: v[t] for k, v in state.items()}, x[:, t], training=True, mask=mask[:, t]
+        yt, st = run(
+            bn, params, {k: v[t] for k, v in state.items()}, x[:, t], training=True, mask=mask[:, t]
         )
         close(y[:, t], yt, 1e-6, 1e-6)
         close(
@@ -556,8 +567,8 @@ def test_sequence_masks_and_time_major(seq_setup):
     assert np.isfinite(np.asarray(y)).all()
     # time-major layout with time_axis=0 gives the same thing
     tm = bn_jax.SequenceBatchNorm(max_steps=3, momentum=0.5, time_axis=0)
-    y_tm, new_tm = tm.apply(
-        params, state, np.swapaxes(x, 0, 1), training=True, mask=np.swapaxes(mask, 0, 1)
+    y_tm, new_tm = run(
+        tm, params, state, np.swapaxes(x, 0, 1), training=True, mask=np.swapaxes(mask, 0, 1)
     )
     close(np.swapaxes(y_tm, 0, 1), y, 1e-6, 1e-6)
     jax.tree.map(lambda u, v: close(u, v, 1e-6, 1e-6), new_tm, new)
@@ -569,7 +580,7 @@ def test_sequence_empty_step_keeps_running_stats():
     x = rand((3, 4, 2))
     mask = np.ones((3, 4, 1), bool)
     mask[:, 2] = False  # every sequence is padded at step 2
-    _, new = norm.apply(params, state, x, training=True, mask=mask)
+    _, new = run(norm, params, state, x, training=True, mask=mask)
     np.testing.assert_array_equal(new["mean"][2], state["mean"][2])
     np.testing.assert_array_equal(new["var"][2], state["var"][2])
     assert not np.allclose(new["mean"][1], state["mean"][1])
@@ -581,14 +592,14 @@ def test_sequence_channels_first_layout():
     params, state = rand_affine(norm, 3)
     assert state["mean"].shape == (2, 3)
     x = rand((4, 3, 3), loc=1.0)
-    y, new = norm.apply(params, state, x, training=True)
+    y, new = run(norm, params, state, x, training=True)
     ref_norm = bn_jax.SequenceBatchNorm(max_steps=2, momentum=0.5)
-    y_ref, new_ref = ref_norm.apply(params, state, np.swapaxes(x, 1, 2), training=True)
+    y_ref, new_ref = run(ref_norm, params, state, np.swapaxes(x, 1, 2), training=True)
     close(y, np.swapaxes(y_ref, 1, 2), 1e-6, 1e-6)
     jax.tree.map(lambda u, v: close(u, v, 1e-6, 1e-6), new, new_ref)
     # step mode keeps the full layout's axes: x_t is [B, C]
-    yt, _ = norm.apply(params, new, x[:, :, 1], training=False, step=1)
-    close(yt, norm.apply(params, new, x, training=False)[0][:, :, 1], 1e-6, 1e-6)
+    yt, _ = run(norm, params, new, x[:, :, 1], training=False, step=1)
+    close(yt, run(norm, params, new, x, training=False)[0][:, :, 1], 1e-6, 1e-6)
 
 
 # ----------------------------------------------------------------------------

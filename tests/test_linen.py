@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -177,6 +180,8 @@ CONFIGS = {
 def test_adapter_equals_core_bit_for_bit(name):
     cfg, shape = CONFIGS[name]
     x = 1.5 + 2.0 * jax.random.normal(jax.random.key(1), shape)
+    if cfg.get("param_dtype") == jnp.bfloat16:
+        x = x.astype(jnp.bfloat16)
     module = bnn.BatchNorm(**cfg)
     core = bn_jax.BatchNorm(**cfg)
     variables = module.init(jax.random.key(0), x, use_running_average=True)
@@ -346,3 +351,16 @@ def test_member_wrappers_equal_core(name):
         y_eval = module.apply({**variables, **upd}, x, use_running_average=True, **call_kwargs)
         y_eval_ref, _ = core.apply(params, s_ref, x, training=False, **call_kwargs)
         chex.assert_trees_all_equal(y_eval, y_eval_ref)
+
+
+def test_example_runs():
+    script = pathlib.Path(__file__).parents[1] / "examples" / "flax_resnet_block.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--steps", "2", "--batch", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BatchNorm from: bn_jax.linen" in out.stdout
+    assert "eval accuracy" in out.stdout

@@ -53,7 +53,7 @@ def run_workers(tmp_path: Path, inputs: Path) -> list[dict[str, np.ndarray]]:
     port = free_port()
     procs, logs = [], []
     for i in range(NUM_PROCESSES):
-        log = open(tmp_path / f"worker{i}.log", "wb")  # noqa: SIM115 (closed below)
+        log = open(tmp_path / f"worker{i}.log", "wb")
         logs.append(log)
         cmd = [sys.executable, str(WORKER), str(i), str(NUM_PROCESSES), str(port)]
         cmd += [str(inputs), str(tmp_path / f"out{i}.npz")]

@@ -112,16 +112,15 @@ def _batch_normalize_jvp(cfg, primals, tangents):
 def _tangent_map(cfg, x, mean, inv, count, scale, mask, dx, dscale, dbias):
     """The derivative of ``batch_normalize`` as a linear map of the tangents."""
     dt = mean.dtype
-    xf = x.astype(dt)
     # x_hat enters twice: in the reduction r1 and as the multiplier of the
-    # per-channel correction. Each use gets its own copy of (mean, inv), so
+    # per-channel correction. Each use gets its own copy of (x, mean, inv), so
     # that XLA recomputes x_hat inside each fused pass (forward mode: the
     # reduction and the elementwise dy; reverse mode, after transposition:
-    # sum(g * x_hat) and the elementwise dx) instead of writing it to memory
-    # and reading it back.
-    x_hat = (xf - mean) * inv
-    mean_c, inv_c = lax.optimization_barrier((mean, inv))
-    x_hat_c = (xf - mean_c) * inv_c
+    # sum(g * x_hat) and the elementwise dx) instead of writing it (or x
+    # converted to float32) to memory and reading it back.
+    x_hat = (x.astype(dt) - mean) * inv
+    x_c, mean_c, inv_c = lax.optimization_barrier((x, mean, inv))
+    x_hat_c = (x_c.astype(dt) - mean_c) * inv_c
     dxf = dx.astype(dt)
     w = dxf if mask is None else jnp.where(mask, dxf, 0)
     sums = jnp.stack(

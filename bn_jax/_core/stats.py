@@ -3,16 +3,17 @@
 Every statistic is returned with ``keepdims`` shape (reduced axes kept as size
 1) so that it broadcasts against the input, and in at least float32.
 
-Local moments use the classic two-pass formula,
+Local moments use a *shifted* one-pass formula: with a per-channel shift ``K``
+taken from the data itself (the first element along the reduced axes),
 
-    mean = sum(x) / n,    M2 = sum((x - mean)**2)
+    mean = K + S1 / n,    M2 = S2 - S1**2 / n,    S1 = sum(x - K),  S2 = sum((x - K)**2)
 
 which stays accurate when ``|mean| >> std`` (the textbook ``E[x^2] - E[x]^2``
-loses every digit there; an error ``d`` in the mean only adds ``n * d**2`` to
-``M2``). It reads ``x`` twice, as the one-pass alternatives do on XLA:CPU (two
-sibling reductions; a variadic ``lax.reduce`` was several times slower there), and unlike a
-data-derived shift it takes no slice of ``x``, which made XLA copy ``x`` inside
-``lax.scan`` loops. Masked moments use the same two passes over valid elements.
+loses every digit there) and gives the mean to within an ulp. ``S1`` and
+``S2`` are two sibling reductions of ``x`` (one pass where XLA fuses siblings,
+as on GPU; two reads of ``x`` on CPU, where a variadic ``lax.reduce`` doing
+both was several times slower). With a mask the valid elements are reduced in
+two passes (mean, then centered squares).
 
 Across devices each device contributes ``(count, mean, M2)``; one
 ``all_gather`` of those ``3 * C`` numbers and the pairwise merge of Chan et al.
@@ -67,8 +68,13 @@ def local_moments(
             s2 = jnp.sum(xf * xf, axes, keepdims=True)
             mean = s1 / n
             return Moments(count, mean, jnp.maximum(s2 - s1 * mean, 0.0))
-        mean = jnp.sum(xf, axes, keepdims=True) / n
-        return Moments(count, mean, _centered_squares(xf, mean, axes))
+        # Shift by the first element along the reduced axes (exact: the moments
+        # do not depend on it): one pass whose sums stay small when |mean| >> std.
+        shift = lax.stop_gradient(_first_along(x, axes)).astype(dt)
+        x1, x2, k1, k2 = _private((x, x, shift, shift))
+        s1 = jnp.sum(x1.astype(dt) - k1, axes, keepdims=True)
+        s2 = jnp.sum(jnp.square(x2.astype(dt) - k2), axes, keepdims=True)
+        return Moments(count, shift + s1 / n, jnp.maximum(s2 - s1 * s1 / n, 0.0))
     mask = jnp.broadcast_to(mask, x.shape)
     count = jnp.sum(mask, axes, keepdims=True, dtype=dt)
     safe = jnp.maximum(count, 1)
@@ -77,17 +83,26 @@ def local_moments(
     if fast_variance:
         m2 = jnp.sum(xm * xm, axes, keepdims=True) - count * mean * mean
         return Moments(count, mean, jnp.maximum(m2, 0.0))
-    return Moments(count, mean, _centered_squares(xf, mean, axes, mask))
+    return Moments(count, mean, _centered_squares(x, mean, axes, mask))
 
 
-def _centered_squares(xf, mean, axes, mask=None):
-    """``sum((x - mean)**2)`` over ``axes`` (valid elements only under ``mask``).
+def _private(v: jax.Array) -> jax.Array:
+    """The same value, which XLA may not merge with other uses of ``v``.
 
-    The reduction gets a private copy of ``mean``: the normalization computes
-    the same ``x - mean``, and if XLA shares that difference it writes it to
-    memory and reads it back instead of fusing it into each pass.
+    A reduction can read ``x`` in the same pass as its elementwise producer
+    (``x - mean``, a dtype conversion) only if no other pass shares that
+    producer; when two passes share one, XLA writes it to memory and reads it
+    back. A barrier keeps each pass's producer its own.
     """
-    d = xf - lax.optimization_barrier(mean)
+    return lax.optimization_barrier(v)
+
+
+def _centered_squares(x, mean, axes, mask=None):
+    """``sum((x - mean)**2)`` over ``axes`` (valid elements only under ``mask``),
+    reading ``x`` in one fused pass (private copies of ``x`` and ``mean``: the
+    normalization computes the same ``x - mean``)."""
+    x, mean = _private((x, mean))
+    d = x.astype(mean.dtype) - mean
     if mask is not None:
         d = jnp.where(mask, d, 0)
     return jnp.sum(d * d, axes, keepdims=True)
@@ -151,6 +166,11 @@ def _all_gather(v, axis_name, axis_index_groups):
 
 def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(1 if i in axes else s for i, s in enumerate(shape))
+
+
+def _first_along(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    starts = (0,) * x.ndim
+    return lax.slice(x, starts, _kept_shape(x.shape, axes))
 
 
 def _all_manual(axis_name) -> bool:
