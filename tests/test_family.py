@@ -198,7 +198,8 @@ def test_group_norm_non_default_axes_against_numpy(shape, feature_axis, red):
     x = rand(shape, loc=-1.0, scale=2.0)
     params, _ = rand_affine(norm, shape[feature_axis])
     mask = np.random.default_rng(5).random(shape) > 0.25
-    for m in (None, mask):
+    channel_bcast = np.take(mask, [0], axis=feature_axis)  # one value for all channels
+    for m in (None, mask, channel_bcast):
         y, _ = run(norm, params, {}, x, training=True, mask=m)
         expect = ref.group_norm(
             x,
@@ -632,11 +633,12 @@ def test_functional_forms(cls, fn, cfg, extra):
     if "step" in extra:
         x = x[:, 0]
     for training in (True, False):
-        a = norm.apply(params, state, x, training=training, **extra)
-        b = fn(params, state, x, training=training, **extra, **cfg)
-        jax.tree.map(lambda u, v: np.testing.assert_array_equal(u, v), a, b)
-    hash(norm)
-    assert norm == cls(**cfg)
+        a = run(norm, params, state, x, training=training, **extra)
+        b = jax.jit(lambda p, s, x, tr=training: fn(p, s, x, training=tr, **extra, **cfg))(
+            params, state, x
+        )
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert norm == cls(**cfg) and hash(norm) == hash(cls(**cfg))
 
 
 def test_errors_group_norm():

@@ -228,6 +228,24 @@ def test_random_initializers_match_flax():
     chex.assert_trees_all_equal(v_ours, v_flax)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"axis": (2, 1)},
+        {"param_dtype": jnp.bfloat16},
+        {"axis": 1, "use_bias": False},
+        {"scale_init": nn.with_partitioning(nn.initializers.ones, ("channels",))},
+    ],
+    ids=["two_axes", "bf16_params", "nchw_no_bias", "partitioned"],
+)
+def test_variable_tree_matches_flax_for_options(kw):
+    x = jnp.ones((2, 3, 4, 5))
+    v_flax = nn.BatchNorm(use_running_average=True, **kw).init(jax.random.key(0), x)
+    v_ours = bnn.BatchNorm(use_running_average=True, **kw).init(jax.random.key(0), x)
+    assert jax.tree.structure(v_ours) == jax.tree.structure(v_flax)  # boxes included
+    chex.assert_trees_all_equal(v_ours, v_flax)
+
+
 def test_init_writes_no_statistics_and_runs_no_collective():
     """Flax's contract: init works outside shard_map even with axis_name set."""
     x = 3.0 + jax.random.normal(jax.random.key(4), (16, 4))
@@ -320,7 +338,7 @@ def _member_cases():
     cases = []
     for name in MEMBERS:
         marks = []
-        if not hasattr(bnn, name.split("-")[0]):
+        if not hasattr(bn_jax, name.split("-")[0]):
             marks = [pytest.mark.skip(reason=f"bn_jax.{name} is not exported by bn_jax yet")]
         cases.append(pytest.param(name, marks=marks))
     return cases
@@ -328,13 +346,22 @@ def _member_cases():
 
 @pytest.mark.parametrize("name", _member_cases())
 def test_member_wrappers_equal_core(name):
+    """bn_jax.linen.<Member> and bn_jax.nnx.<Member> equal the core, bit for bit."""
+    from flax import nnx
+
+    from bn_jax import nnx as bnnx
+
     cfg, shape, call_kwargs = MEMBERS[name]
     name = name.split("-")[0]
     core = getattr(bn_jax, name)(**cfg)
-    module_cls = getattr(bnn, name)
-    stateful = "use_running_average" in {f.name for f in dataclasses.fields(module_cls)}
     x = 1.0 + jax.random.normal(jax.random.key(5), shape)
     params, state = core.init(x)
+    y_ref, s_ref = core.apply(params, state, x, training=True, **call_kwargs)
+    y_eval_ref, _ = core.apply(params, s_ref, x, training=False, **call_kwargs)
+
+    # linen
+    module_cls = getattr(bnn, name)
+    stateful = "use_running_average" in {f.name for f in dataclasses.fields(module_cls)}
     train = {"use_running_average": False} if stateful else {}
     module = module_cls(**cfg)
     variables = module.init(jax.random.key(0), x, **train)
@@ -342,15 +369,22 @@ def test_member_wrappers_equal_core(name):
     if state:
         expected["batch_stats"] = state
     chex.assert_trees_all_equal(dict(variables), expected)
-
     y, upd = module.apply(variables, x, mutable=["batch_stats"], **train, **call_kwargs)
-    y_ref, s_ref = core.apply(params, state, x, training=True, **call_kwargs)
     chex.assert_trees_all_equal(y, y_ref)
     chex.assert_trees_all_equal(dict(upd).get("batch_stats", {}), s_ref)
     if stateful:
         y_eval = module.apply({**variables, **upd}, x, use_running_average=True, **call_kwargs)
-        y_eval_ref, _ = core.apply(params, s_ref, x, training=False, **call_kwargs)
         chex.assert_trees_all_equal(y_eval, y_eval_ref)
+
+    # nnx
+    layer = getattr(bnnx, name)(shape[-1], rngs=nnx.Rngs(0), **cfg)
+    got = {k: v[...] for k, v in nnx.state(layer, nnx.Param).items()}
+    chex.assert_trees_all_equal(got, params)
+    chex.assert_trees_all_equal(layer(x, **call_kwargs), y_ref)
+    got = {k: v[...] for k, v in nnx.state(layer, nnx.BatchStat).items()}
+    chex.assert_trees_all_equal(got, s_ref)
+    layer.eval()
+    chex.assert_trees_all_equal(layer(x, **call_kwargs), y_eval_ref if stateful else y_ref)
 
 
 def test_example_runs():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import chex
 import jax
@@ -148,33 +147,5 @@ def test_nnx_jit_and_optimizer_agree_with_flax():
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
 
 
-# (member, config, input shape)
-MEMBERS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
-    "BatchRenorm": ({"rmax": 2.0, "dmax": 1.0, "momentum": 0.5}, (8, 3)),
-    "GhostBatchNorm": ({"virtual_batch_size": 4}, (8, 3)),
-    "SequenceBatchNorm": ({"max_steps": 4, "time_axis": 1}, (3, 4, 2)),
-    "InstanceNorm": ({"track_running_stats": True, "momentum": 0.5}, (2, 4, 4, 3)),
-    "GroupNorm": ({"num_groups": 2}, (2, 3, 4)),
-    "LayerNorm": ({}, (2, 5)),
-    "RMSNorm": ({}, (2, 5)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(MEMBERS))
-def test_member_wrappers_equal_core(name):
-    if not hasattr(bnnx, name):
-        pytest.skip(f"bn_jax.{name} is not exported by bn_jax yet")
-    cfg, shape = MEMBERS[name]
-    core = getattr(bn_jax, name)(**cfg)
-    module = getattr(bnnx, name)(shape[-1], rngs=nnx.Rngs(0), **cfg)
-    x = 1.0 + jax.random.normal(jax.random.key(5), shape)
-    params, state = core.init(shape[-1])
-    chex.assert_trees_all_equal(
-        {k: v[...] for k, v in nnx.state(module, nnx.Param).items()}, params
-    )
-    y_ref, s_ref = core.apply(params, state, x, training=True)
-    chex.assert_trees_all_equal(module(x), y_ref)
-    got = {k: v[...] for k, v in nnx.state(module, nnx.BatchStat).items()}
-    chex.assert_trees_all_equal(got, s_ref)
-    module.eval()
-    chex.assert_trees_all_equal(module(x), core.apply(params, s_ref, x, training=False)[0])
+# The other members of the family: see test_member_wrappers_equal_core in test_linen.py,
+# which checks the linen and nnx wrappers together (sharing compiled kernels).

@@ -212,11 +212,14 @@ for b in BATCHES:
 # * Compare the normalizers at the same batch size: the learning rate and the
 #   number of steps are fixed, so larger batches also see more data.
 # * GhostBatchNorm with `virtual_batch_size=8` is BatchNorm up to batch 8 and
-#   normalizes in groups of 8 above: its statistics are as noisy as BatchNorm's at
-#   batch 8 whatever the batch. It is a tool for large batches (restoring the
+#   normalizes in groups of 8 above (its curve hides BatchNorm's up to 8): its
+#   statistics are as noisy as BatchNorm's at batch 8 whatever the batch. It is a tool for large batches (restoring the
 #   regularizing noise of small ones), not a fix for small batches.
 # * GroupNorm does not look at the batch, so its result does not depend on the batch
-#   size through the statistics at all; BatchRenorm keeps BatchNorm's behaviour at
-#   large batches and reduces the train/eval mismatch at small ones.
+#   size through the statistics at all (it still sees fewer examples per step, and
+#   noisier gradients, at small batches). BatchRenorm keeps BatchNorm's behaviour at
+#   large batches and removes most of the train/eval mismatch at small ones.
+# * At batch 2 with 300 steps every model has seen only 600 examples: all of them are
+#   poor there, and the differences between them are within the seed-to-seed spread.
 # * These are measurements of one small MLP on one small data set with 3 seeds: they
 #   show the mechanisms, not a ranking for your model.

@@ -1,0 +1,90 @@
+"""Smoke test of ``python -m bn_jax.bench``: tiny sizes, few repeats, structure only.
+
+Timings on a shared CI machine mean nothing, so nothing here asserts one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bn_jax import bench
+
+TINY = ["--shape", "dense=8x16", "--repeats", "2", "--layers", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def report():
+    # through JSON, as a machine reading --json would see it
+    return json.loads(json.dumps(bench.run([*TINY, "--dtype", "float32", "--json"])))
+
+
+def test_json_report_structure(report):
+    assert set(report) >= {"machine", "command", "settings", "bandwidth", "cases", "targets"}
+    assert report["settings"] == {
+        "repeats": 2,
+        "layers": 2,
+        "libraries": report["settings"]["libraries"],
+    }
+    libs = report["settings"]["libraries"]
+    assert libs[:2] == ["bn_jax", "flax"]
+    bw = report["bandwidth"]
+    assert bw["bytes_per_s"] == max(bw["read_bytes_per_s"], bw["copy_bytes_per_s"]) > 0
+    seen = {(c["mode"], c["workload"]) for c in report["cases"]}
+    assert seen == {(m, w) for m in bench.MODES for w in bench.WORKLOADS}
+    for c in report["cases"]:
+        assert c["shape"] == [8, 16] and c["dtype"] == "float32"
+        assert c["layers"] == (2 if c["mode"] == "network" else 1)
+        assert set(c["times_ms"]) == set(libs)
+        for v in [*c["times_ms"].values(), c["floor_ms"], c["bound_ms"]]:
+            assert math.isfinite(v) and v > 0
+        units = bench.BYTES_UNITS[c["workload"]] * c["layers"] * 8 * 16 * 4
+        assert c["bound_ms"] == pytest.approx(1e3 * units / bw["bytes_per_s"])
+        if c["workload"] == "fwd+bwd":
+            assert set(c["temp_bytes"]) == set(libs)
+        else:
+            assert c["temp_bytes"] == {}
+
+
+def test_targets_follow_the_issue(report):
+    targets = report["targets"]
+    names = {t["target"].split("<=")[0] for t in targets}
+    assert names == {
+        "fwd_vs_flax",
+        "fwd+bwd_vs_flax",
+        "network_fwd+bwd_vs_bound",
+        "eval_vs_floor",
+        "temp_bytes",
+    }
+    for t in targets:
+        assert isinstance(t["met"], bool)
+        if t["value"] is not None:
+            assert t["met"] == (t["value"] <= t["limit"])
+
+
+def test_text_table(capsys):
+    bench.run([*TINY, "--dtype", "bfloat16", "--mode", "single", "--workload", "eval"])
+    out = capsys.readouterr().out
+    assert "bandwidth:" in out
+    for col in ("bn_jax ms", "flax ms", "bn_jax/flax", "floor ms", "bound ms", "bn_jax/bound"):
+        assert col in out
+    assert "dense bfloat16" in out and "eval_vs_floor" in out
+
+
+def test_bad_shape_is_reported():
+    with pytest.raises(SystemExit, match="--shape expects NAME=AxBxC"):
+        bench.run(["--shape", "oops"])
+
+
+def test_module_entry_point():
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "bn_jax.bench", *TINY, "--mode", "single"]
+    cmd += ["--workload", "eval", "--dtype", "float32", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
+    doc = json.loads(out.stdout)
+    assert [c["workload"] for c in doc["cases"]] == ["eval"]
