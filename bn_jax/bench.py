@@ -8,23 +8,24 @@ references measured in the same process:
 * the **elementwise floor**: ``y = x * a + b`` with per-channel ``a``, ``b``
   (one read and one write of ``x``), the least any normalization can cost;
 * the **bytes-moved bound**: the bytes a layer must move divided by the memory
-  bandwidth measured in this run (the best of a streaming reduction and a
-  chain of elementwise passes). A training forward reads ``x`` twice (the
-  statistics, then the normalization) and writes ``y``; a backward reads ``x``
-  and ``dy`` twice (the two per-channel sums, then ``dx``) and writes ``dx``;
-  an eval forward reads ``x`` and writes ``y``.
+  bandwidth measured in this run (the better of a streaming reduction, which
+  reads ``x`` once, and the floor, which reads and writes it once). A training
+  forward reads ``x`` twice (the statistics, then the normalization) and
+  writes ``y``; a backward reads ``x`` and ``dy`` twice (the two per-channel
+  sums, then ``dx``) and writes ``dx``; an eval forward reads ``x`` and writes
+  ``y``.
 
 Each workload runs in two modes: a **single** jitted call of one layer, and
 **network**, ``--layers`` layers chained inside one jitted program, as in a
-real model (each training layer's output is materialized because the next
+real model: each training layer's output is materialized because the next
 layer's statistics need all of it, and XLA reuses buffers instead of
-allocating a fresh output per call; in eval mode XLA fuses the whole chain,
-and the floor's chain, into one pass). ``lax.scan`` over layers is not used:
+allocating a fresh output per call. In eval mode XLA fuses the whole chain
+(and the floor's chain) into one pass. ``lax.scan`` over layers is not used:
 its stacked residuals and in-place carry add copies of ``x`` that belong to
-neither library. Libraries are
-timed interleaved (each repeat runs every library once, in rotating order) and
-the median of ``--repeats`` runs is reported. The compiled temporary memory of
-forward plus backward (``memory_analysis().temp_size_in_bytes``) is reported too.
+neither library. Libraries are timed interleaved (each repeat runs every
+library once, in rotating order) and the median of ``--repeats`` runs is
+reported, with the compiled temporary memory of forward plus backward
+(``memory_analysis().temp_size_in_bytes``).
 
 Workloads: ``fwd`` (training forward: output and new running statistics),
 ``fwd+bwd`` (gradient of ``sum(y * W)`` with respect to parameters and ``x``,

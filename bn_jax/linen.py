@@ -319,7 +319,9 @@ def wrap(core_cls: type, *, stateful: bool, doc: str | None = None) -> type[nn.M
     names = [f.name for f in core_fields]
     layer = core_cls.__name__
 
-    def __call__(self: Any, x: jax.Array, use_running_average: bool | None = None, **kwargs: Any):
+    def __call__(
+        self: Any, x: jax.Array, use_running_average: bool | None = None, **kwargs: Any
+    ) -> jax.Array:
         core = core_cls(**{n: getattr(self, n) for n in names})
         if stateful:
             if self.use_running_average is not None and use_running_average is not None:

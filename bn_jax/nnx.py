@@ -87,7 +87,7 @@ class Norm(nnx.Module):
         use_running_average: bool | None = False,
         metadata: Mapping[str, Mapping[str, Any]] | None = None,
         **config: Any,
-    ):
+    ) -> None:
         core = self.core_cls(**config)  # validates the config
         names = tuple(f.name for f in dataclasses.fields(core) if f.init)
         for n in names:
@@ -251,7 +251,7 @@ class BatchNorm(Norm):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
-    ):
+    ) -> None:
         super().__init__(
             num_features,
             rngs=rngs,

@@ -83,7 +83,7 @@ def main() -> None:
     model = ResNet()
     x_train, y_train = make_data(args.steps * args.batch, seed=1)
     x_test, y_test = make_data(512, seed=2)
-    variables = model.init(jax.random.key(0), x_train[:2], train=False)
+    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), x_train[:2])
     print(f"BatchNorm from: {bnn.BatchNorm.__module__}")
     print("variables:", jax.tree.map(jnp.shape, variables["batch_stats"]["ResidualBlock_0"]))
 

@@ -147,7 +147,6 @@ def test_grad_of_params_dict_through_apply():
 def test_check_grads_second_order(shape, axis, mask_kind):
     x, scale, bias, mask, _ = make_inputs(shape, axis, 3, mask_kind)
 
-    @jax.jit
     def f(x, scale, bias):
         return bn_y(x, scale, bias, axis=axis, mask=mask)
 

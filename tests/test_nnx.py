@@ -41,9 +41,12 @@ def test_state_tree_matches_flax(use_scale):
 
 def test_random_initializers_match_flax():
     kw = {"scale_init": nnx.initializers.normal(1.0), "bias_init": nnx.initializers.uniform(1.0)}
+    kw["scale_metadata"] = {"tag": "channels"}
     ours = bnnx.BatchNorm(5, rngs=nnx.Rngs(7), **kw)
     theirs = nnx.BatchNorm(5, rngs=nnx.Rngs(7), **kw)
     chex.assert_trees_all_equal(nnx.state(ours), nnx.state(theirs))
+    assert ours.scale.get_metadata() == theirs.scale.get_metadata()
+    assert ours.scale.get_metadata()["tag"] == "channels"
 
 
 class MLP(nnx.Module):

@@ -26,7 +26,10 @@ def test_all_notebooks_present():
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
+    # The kernel starts as a user's would: no fake devices from conftest.py
+    # (02_distributed sets its own in its first cell).
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     stored = nbformat.read(path, as_version=4)
     code = [c for c in stored.cells if c.cell_type == "code"]
     # Stored executed, in order, with outputs, so they render without running.
