@@ -19,6 +19,7 @@
 # API (no Flax). Each configuration trains 3 seeds side by side with `jax.vmap`.
 
 # %%
+import io
 import time
 from functools import partial
 
@@ -167,9 +168,10 @@ ax.set_title(f"digits MLP, {STEPS} SGD steps, {SEEDS} seeds (band: min-max)")
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig("/tmp/03_small_batches.png")
+buf = io.BytesIO()
+fig.savefig(buf, format="png")
 plt.close(fig)
-display(Image("/tmp/03_small_batches.png"))
+display(Image(data=buf.getvalue()))
 
 # %% [markdown]
 # ## Why BatchNorm suffers at batch 2: training and evaluation disagree
@@ -226,7 +228,7 @@ for b in BATCHES:
 #   size through the statistics at all (it still sees fewer examples per step, and
 #   noisier gradients, at small batches). BatchRenorm keeps BatchNorm's behaviour at
 #   large batches and removes most of the train/eval mismatch at small ones.
-# * At batch 2 with 300 steps every model has seen only 600 examples: all of them are
-#   poor there, and the differences between them are within the seed-to-seed spread.
+# * At batch 2 with 300 steps every model has seen only 600 examples and all of them
+#   are poor: the ranking at batch 2 says little (3 seeds, wide spreads).
 # * These are measurements of one small MLP on one small data set with 3 seeds: they
 #   show the mechanisms, not a ranking for your model.
