@@ -91,6 +91,17 @@ def _plain_initializers(core: Any) -> Any:
     return dataclasses.replace(core, **fields) if fields else core
 
 
+def _core(module: Any, core_cls: type) -> Any:
+    """``core_cls`` configured with ``module``'s attributes of the same names."""
+    return core_cls(
+        **{f.name: getattr(module, f.name) for f in dataclasses.fields(core_cls) if f.init}
+    )
+
+
+def _stateless_error(layer: str) -> TypeError:
+    return TypeError(f"{layer} keeps no running statistics; use_running_average does not apply.")
+
+
 def _single_value_per_feature(core: Any, x: jax.Array) -> bool:
     feature_axes = checks.resolve_axes(core.axis, x.ndim)
     return math.prod(x.shape[i] for i in range(x.ndim) if i not in feature_axes) <= 1
@@ -273,21 +284,7 @@ class BatchNorm(nn.Module):
                 "BatchNorm: force_float32_reductions=False is not supported; bn_jax always "
                 "reduces statistics in at least float32 (pass dtype= for the output dtype)."
             )
-        core = bn_jax.BatchNorm(
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            scale_init=self.scale_init,
-            bias_init=self.bias_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            use_fast_variance=self.use_fast_variance,
-            unbiased_running_var=self.unbiased_running_var,
-        )
+        core = _core(self, bn_jax.BatchNorm)
         return _run(self, core, x, training=not bool(use_ra), mask=mask)
 
 
@@ -316,13 +313,12 @@ def wrap(core_cls: type, *, stateful: bool, doc: str | None = None) -> type[nn.M
             namespace[f.name] = dataclasses.field(default_factory=f.default_factory, **kw)
         elif kw:
             namespace[f.name] = dataclasses.field(**kw)
-    names = [f.name for f in core_fields]
     layer = core_cls.__name__
 
     def __call__(
         self: Any, x: jax.Array, use_running_average: bool | None = None, **kwargs: Any
     ) -> jax.Array:
-        core = core_cls(**{n: getattr(self, n) for n in names})
+        core = _core(self, core_cls)
         if stateful:
             if self.use_running_average is not None and use_running_average is not None:
                 nn.merge_param("use_running_average", self.use_running_average, use_running_average)
@@ -332,9 +328,7 @@ def wrap(core_cls: type, *, stateful: bool, doc: str | None = None) -> type[nn.M
             training = None if use_ra is None else not bool(use_ra)
         else:
             if use_running_average is not None:
-                raise TypeError(
-                    f"{layer} keeps no running statistics; use_running_average does not apply."
-                )
+                raise _stateless_error(layer)
             training = True
         return _run(self, core, x, training=training, **kwargs)
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import bn_jax
-from bn_jax.linen import _plain_initializers
+from bn_jax.linen import _plain_initializers, _stateless_error
 from bn_jax.norms._common import Initializer
 
 __all__ = [
@@ -97,10 +97,7 @@ class Norm(nnx.Module):
         if self.stateful:
             self.use_running_average = use_running_average
         elif use_running_average:
-            raise TypeError(
-                f"{type(self).__name__} keeps no running statistics; "
-                f"use_running_average does not apply."
-            )
+            raise _stateless_error(type(self).__name__)
 
         plain = _plain_initializers(core)
         param_shapes, state = plain.init(num_features)
@@ -151,9 +148,7 @@ class Norm(nnx.Module):
             training = not bool(use_ra)
         else:
             if use_running_average is not None:
-                raise TypeError(
-                    f"{layer} keeps no running statistics; use_running_average does not apply."
-                )
+                raise _stateless_error(layer)
             training = True
         params = {n: getattr(self, n)[...] for n in self._param_names}
         state = {n: getattr(self, n)[...] for n in self._state_names}

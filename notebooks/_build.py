@@ -46,6 +46,23 @@ def cells_from_source(text: str) -> list:
     return cells
 
 
+def merge_streams(outputs: list) -> list:
+    """Joins consecutive stdout (or stderr) chunks, which arrive split by timing."""
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (
+            prev is not None
+            and out.output_type == "stream"
+            and prev.output_type == "stream"
+            and prev.name == out.name
+        ):
+            prev.text += out.text
+        else:
+            merged.append(out)
+    return merged
+
+
 def build(src: pathlib.Path, timeout: int = 300) -> float:
     nb = nbformat.v4.new_notebook()
     nb.cells = cells_from_source(src.read_text())
@@ -64,8 +81,10 @@ def build(src: pathlib.Path, timeout: int = 300) -> float:
         resources={"metadata": {"path": str(HERE)}},
     ).execute()
     elapsed = time.perf_counter() - start
-    for i, cell in enumerate(nb.cells):  # stable ids keep diffs small
+    for i, cell in enumerate(nb.cells):  # stable ids and merged streams keep diffs small
         cell["id"] = f"{src.stem[:2]}-{i:02d}"
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
     out = HERE / f"{src.stem}.ipynb"
     nbformat.write(nb, out)
     return elapsed

@@ -43,16 +43,11 @@ def table_rows(out):
     return rows
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "curves.png"
-    args = ["--steps", "12", "--eval-every", "6", "--lrs", "0.05,2.0", "--no-progress"]
-    stdout = run("train_digits.py", *args, "--seed", "3", "--out", str(out))
-    return stdout, out, args
-
-
-def test_demo_prints_table_and_saves_plot(demo):
-    stdout, out, _ = demo
+def test_demo_table_plot_and_seed(tmp_path):
+    out = tmp_path / "curves.png"
+    args = ["--steps", "12", "--eval-every", "6", "--lrs", "0.05,2.0", "--seed", "3"]
+    args.append("--no-progress")
+    stdout = run("train_digits.py", *args, "--out", str(out))
     rows = table_rows(stdout)
     assert list(rows) == ["none", "BatchNorm", "GroupNorm", "BatchRenorm"], stdout
     for name, cells in rows.items():
@@ -65,14 +60,11 @@ def test_demo_prints_table_and_saves_plot(demo):
     assert f"plot saved to {out}" in stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-def test_demo_same_seed_same_table(demo, tmp_path):
-    # A variant's runs depend only on the seed (split, shared init, batch order),
-    # not on which other variants run: rerun the most stateful one alone.
-    stdout, _, args = demo
-    args = [*args, "--variants", "BatchRenorm", "--seed", "3"]
-    again = run("train_digits.py", *args, "--out", str(tmp_path / "again.png"))
-    assert table_rows(again)["BatchRenorm"] == table_rows(stdout)["BatchRenorm"]
+    # Same seed, same results. A variant's runs depend only on the seed (split,
+    # shared init, batch order), not on the other variants: rerun the most
+    # stateful one alone.
+    again = run("train_digits.py", *args, "--variants", "BatchRenorm", "--out", str(out))
+    assert table_rows(again)["BatchRenorm"] == rows["BatchRenorm"]
     best = lambda s: [line for line in s.splitlines() if line.startswith("| BatchRenorm | ")]
     assert best(again) == best(stdout)
 

@@ -1,4 +1,4 @@
-"""Layout helpers shared by the normalizers: feature shapes and parameters."""
+"""Pieces shared by the normalizers: validation, feature shapes, parameters, input checks."""
 
 from __future__ import annotations
 
@@ -8,13 +8,210 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from bn_jax._core import checks
 from bn_jax._core.checks import resolve_axes
+from bn_jax._core.normalize import StatsConfig, affine
+from bn_jax._core.running import update_running
 from bn_jax._core.stats import group_sum
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
+
+
+def check_training(training: Any, layer: str) -> bool:
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(
+            f"{layer}.apply: training must be a Python bool (it picks the code path when "
+            f"tracing), got {type(training).__name__}; to switch at run time use "
+            f"jax.lax.cond over two apply calls."
+        )
+    return bool(training)
+
+
+def canonical_axes(axes: Any, name: str) -> int | tuple[int, ...]:
+    """``checks.canonical_axis`` with a TypeError that names the field."""
+    try:
+        return checks.canonical_axis(axes)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a tuple of ints, got {axes!r}.") from None
+
+
+class NormMixin:
+    """Validation, ``init`` and ``apply`` pieces shared by the normalizer dataclasses.
+
+    For frozen dataclasses with the fields ``epsilon``, ``dtype``,
+    ``param_dtype``, ``use_scale``, ``scale_init``, ``axis_name``,
+    ``axis_index_groups`` and, unless the normalizer has no bias (RMSNorm),
+    ``use_bias`` and ``bias_init``. It declares no fields, so each class keeps
+    its own field order, defaults and docstring.
+    """
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def _use_bias(self) -> bool:
+        return getattr(self, "use_bias", False)  # RMSNorm has no bias
+
+    def _canonicalize_axes(self, *names: str) -> None:
+        for name in names:
+            object.__setattr__(self, name, canonical_axes(getattr(self, name), name))
+
+    def _check_groups_and_dtypes(self) -> None:
+        """The common end of ``__post_init__``."""
+        object.__setattr__(
+            self,
+            "axis_index_groups",
+            checks.canonical_groups(self.axis_index_groups, self.axis_name),
+        )
+        checks.check_float_dtype("dtype", self.dtype)
+        checks.check_float_dtype("param_dtype", self.param_dtype, allow_none=False)
+
+    def _init_params(self, shape: tuple[int, ...], key: jax.Array | None) -> Params:
+        return init_affine(
+            shape,
+            use_scale=self.use_scale,
+            use_bias=self._use_bias,
+            scale_init=self.scale_init,
+            bias_init=getattr(self, "bias_init", jax.nn.initializers.zeros),
+            param_dtype=self.param_dtype,
+            key=key,
+        )
+
+    def _init_running(self, shape: tuple[int, ...]) -> State:
+        """Running ``mean`` 0 and ``var`` 1 (and ``count`` with ``momentum=None``)."""
+        dt = checks.stat_dtype(self.param_dtype)
+        state = {"mean": jnp.zeros(shape, dt), "var": jnp.ones(shape, dt)}
+        if self.momentum is None:
+            state["count"] = jnp.zeros(shape, jnp.int32)
+        return state
+
+    def _check_running_state(self, state: State) -> None:
+        """Hook: raise for a ``state`` without running statistics (default: no check)."""
+
+    def _affine(
+        self,
+        params: Params,
+        x: jax.Array,
+        feature_axes: tuple[int, ...],
+        axis: Any,
+        state: State | None = None,
+    ) -> tuple[jax.Array | None, jax.Array | None, tuple[int, ...]]:
+        """``(scale, bias, feature shape)``, checked against ``x`` (and ``state``)."""
+        scale, bias = get_affine(params, self.use_scale, self._use_bias, self._name)
+        arrays = {"params['scale']": scale, "params['bias']": bias}
+        if state is not None:
+            self._check_running_state(state)
+            arrays["state['mean']"], arrays["state['var']"] = state["mean"], state["var"]
+        shape = checks.check_features(x.shape, feature_axes, arrays, axis)
+        return scale, bias, shape
+
+    def _stats_config(
+        self, reduce_axes: tuple[int, ...], out_dtype: jnp.dtype, *, sync: bool = True
+    ) -> StatsConfig:
+        return StatsConfig(
+            axes=reduce_axes,
+            epsilon=float(self.epsilon),
+            out_dtype=out_dtype,
+            axis_name=self.axis_name if sync else None,
+            axis_index_groups=self.axis_index_groups if sync else None,
+            fast_variance=self.use_fast_variance,
+        )
+
+    def _update(
+        self,
+        state: State,
+        mean: jax.Array,
+        var: jax.Array,
+        count: jax.Array,
+        shape: tuple[int, ...],
+        *,
+        unbiased: bool | None = None,
+    ) -> State:
+        """Running statistics updated with keepdims-shaped batch statistics.
+
+        ``unbiased`` defaults to ``unbiased_running_var``; pass False for
+        statistics that ``average_stats`` already made unbiased.
+        """
+        return update_running(
+            state,
+            mean.reshape(shape),
+            var.reshape(shape),
+            count.reshape(shape),
+            momentum=self.momentum,
+            unbiased=self.unbiased_running_var if unbiased is None else unbiased,
+        )
+
+    def _normalize_running(
+        self,
+        x: jax.Array,
+        state: State,
+        scale: Any,
+        bias: Any,
+        feature_axes: tuple[int, ...],
+        out_dtype: Any,
+    ) -> tuple[jax.Array, State]:
+        """Evaluation mode: ``(y, state)`` normalized with ``state``'s running statistics."""
+        y = normalize_with(
+            x, state["mean"], state["var"], scale, bias, feature_axes, self.epsilon, out_dtype
+        )
+        return y, state
+
+
+class PerExampleMixin(NormMixin):
+    """Validation and input checks of LayerNorm and RMSNorm (``reduction_axes``,
+    ``feature_axes``, statistics of each example)."""
+
+    def __post_init__(self) -> None:
+        checks.check_epsilon(self.epsilon)
+        self._canonicalize_axes("reduction_axes", "feature_axes")
+        self._check_groups_and_dtypes()
+
+    def _prepare(
+        self, params: Params, x: jax.Array, training: Any, mask: jax.Array | None
+    ) -> tuple[jax.Array, tuple[int, ...], Any, Any, jax.Array | None]:
+        """Checks a call; returns ``x``, the reduced axes, broadcastable scale and bias,
+        and the mask."""
+        check_training(training, self._name)
+        checks.check_input(x)
+        x = jnp.asarray(x)
+        reduce_axes = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
+        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
+        scale, bias, _ = self._affine(params, x, feature_axes, self.feature_axes)
+        mask = checks.check_mask(mask, x.shape)
+        checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
+        scale = broadcastable(scale, x.ndim, feature_axes)
+        bias = broadcastable(bias, x.ndim, feature_axes)
+        return x, reduce_axes, scale, bias, mask
+
+
+def functional(cls: type, name: str, example: str) -> Callable[..., tuple[jax.Array, State]]:
+    """The functional form ``name(params, state, x, *, training, mask=None, **config)``
+    of the normalizer ``cls``: ``cls(**config).apply(params, state, x, ...)``."""
+
+    def fn(
+        params: Params,
+        state: State,
+        x: jax.Array,
+        *,
+        training: bool,
+        mask: jax.Array | None = None,
+        **config: Any,
+    ) -> tuple[jax.Array, State]:
+        return cls(**config).apply(params, state, x, training=training, mask=mask)
+
+    layer = cls.__name__
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = cls.__module__
+    fn.__doc__ = (
+        f"Functional form of :class:`{layer}`: ``{layer}(**config).apply(...)``.\n\n"
+        f"    Example::\n\n        {example}\n    "
+    )
+    return fn
 
 
 def feature_shape(features: Any, axis: int | tuple[int, ...], layer: str) -> tuple[int, ...]:
@@ -80,6 +277,27 @@ def get_affine(
             )
         out.append(jnp.asarray(params[name]) if used else None)
     return out[0], out[1]
+
+
+def normalize_with(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    feature_axes: tuple[int, ...],
+    epsilon: float,
+    out_dtype: Any,
+) -> jax.Array:
+    """Eval-mode normalization with given per-feature (e.g. running) statistics.
+
+    ``mean`` / ``var`` are feature-shaped, ``scale`` / ``bias`` already
+    broadcastable against ``x``. One multiply-add per element.
+    """
+    mean = broadcastable(mean, x.ndim, feature_axes)
+    var = broadcastable(var, x.ndim, feature_axes)
+    inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+    return affine(x, mean, inv, scale, bias, out_dtype)
 
 
 def broadcastable(v: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.Array | None:

@@ -5,39 +5,38 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
 from bn_jax._core import checks
-from bn_jax._core.normalize import StatsConfig, affine, batch_normalize
-from bn_jax._core.running import update_running
+from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
+    NormMixin,
     Params,
     State,
     broadcastable,
+    check_training,
     feature_shape,
-    get_affine,
-    init_affine,
+    functional,
 )
 
 
-def check_training(training: Any, layer: str) -> bool:
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(
-            f"{layer}.apply: training must be a Python bool (it picks the code path when "
-            f"tracing), got {type(training).__name__}; to switch at run time use "
-            f"jax.lax.cond over two apply calls."
-        )
-    return bool(training)
+class Call(NamedTuple):
+    """A validated ``apply`` call of the BatchNorm family."""
+
+    x: jax.Array
+    feature_axes: tuple[int, ...]
+    shape: tuple[int, ...]  # the feature shape
+    scale: jax.Array | None  # broadcastable against x
+    bias: jax.Array | None
+    out_dtype: jnp.dtype
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchNorm:
+class BatchNorm(NormMixin):
     r"""Batch Normalization: normalize each feature with statistics of the batch.
 
     Training mode, per feature ``c`` over every other axis (and every device
@@ -118,17 +117,7 @@ class BatchNorm:
         checks.check_momentum(self.momentum)
         checks.check_epsilon(self.epsilon)
         object.__setattr__(self, "axis", checks.canonical_axis(self.axis))
-        object.__setattr__(
-            self,
-            "axis_index_groups",
-            checks.canonical_groups(self.axis_index_groups, self.axis_name),
-        )
-        checks.check_float_dtype("dtype", self.dtype)
-        checks.check_float_dtype("param_dtype", self.param_dtype, allow_none=False)
-
-    @property
-    def _name(self) -> str:
-        return type(self).__name__
+        self._check_groups_and_dtypes()
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)`` for ``features``.
@@ -139,23 +128,10 @@ class BatchNorm:
           key: PRNG key for random initializers (the defaults need none).
         """
         shape = feature_shape(features, self.axis, self._name)
-        params = init_affine(
-            shape,
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            scale_init=self.scale_init,
-            bias_init=self.bias_init,
-            param_dtype=self.param_dtype,
-            key=key,
-        )
-        return params, self._init_state(shape)
+        return self._init_params(shape, key), self._init_state(shape)
 
     def _init_state(self, shape: tuple[int, ...]) -> State:
-        dt = checks.stat_dtype(self.param_dtype)
-        state = {"mean": jnp.zeros(shape, dt), "var": jnp.ones(shape, dt)}
-        if self.momentum is None:
-            state["count"] = jnp.zeros(shape, jnp.int32)
-        return state
+        return self._init_running(shape)
 
     def apply(
         self,
@@ -184,25 +160,16 @@ class BatchNorm:
             an unbound ``axis_name``.
         """
         training = check_training(training, self._name)
-        x, feature_axes, shape, scale, bias, out_dtype = self._prepare(params, state, x)
-        reduce_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-        scale = broadcastable(scale, x.ndim, feature_axes)
-        bias = broadcastable(bias, x.ndim, feature_axes)
+        c = self._prepare(params, state, x)
         if not training:
-            y = normalize_with(
-                x, state["mean"], state["var"], scale, bias, feature_axes, self.epsilon, out_dtype
-            )
-            return y, state
+            return self._normalize_running(c.x, state, c.scale, c.bias, c.feature_axes, c.out_dtype)
+        reduce_axes = tuple(i for i in range(c.x.ndim) if i not in c.feature_axes)
+        return self._train(state, c, mask, reduce_axes)
 
-        mask = checks.check_mask(mask, x.shape)
-        self._check_batch(x.shape, reduce_axes, mask)
-        y, mean, var, count = batch_normalize(
-            x, scale, bias, mask, self._stats_config(reduce_axes, out_dtype)
-        )
-        return y, self._update(state, mean, var, count, shape)
-
-    # Pieces of ``apply`` shared with the BatchNorm variants (BatchRenorm,
-    # GhostBatchNorm, SequenceBatchNorm); none of them changes behaviour.
+    # Pieces of ``apply`` shared with the BatchNorm variants: BatchRenorm
+    # overrides ``_prepare`` (its state check), ``_train_affine`` and
+    # ``_update``; GhostBatchNorm ``_prepare`` and ``_train``;
+    # SequenceBatchNorm calls them from its own ``apply``.
 
     def _prepare(
         self,
@@ -212,25 +179,47 @@ class BatchNorm:
         *,
         feature_axes: tuple[int, ...] | None = None,
         check_state: bool = True,
-    ) -> tuple[jax.Array, tuple[int, ...], tuple[int, ...], Any, Any, jnp.dtype]:
-        """Validates a call; returns ``x``, feature axes and shape, scale, bias, out dtype."""
+    ) -> Call:
+        """Validates a call (and ``state``'s shapes when ``check_state``)."""
         checks.check_input(x)
         x = jnp.asarray(x)
         if feature_axes is None:
             feature_axes = checks.resolve_axes(self.axis, x.ndim)
-        scale, bias = get_affine(params, self.use_scale, self.use_bias, self._name)
-        arrays = {"params['scale']": scale, "params['bias']": bias}
-        if check_state:
-            arrays["state['mean']"] = state["mean"]
-            arrays["state['var']"] = state["var"]
-        shape = checks.check_features(x.shape, feature_axes, arrays, self.axis)
-        out_dtype = jnp.dtype(self.dtype or x.dtype)
-        return x, feature_axes, shape, scale, bias, out_dtype
+        scale, bias, shape = self._affine(
+            params, x, feature_axes, self.axis, state if check_state else None
+        )
+        return Call(
+            x,
+            feature_axes,
+            shape,
+            broadcastable(scale, x.ndim, feature_axes),
+            broadcastable(bias, x.ndim, feature_axes),
+            jnp.dtype(self.dtype or x.dtype),
+        )
 
-    def _check_batch(
-        self, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], mask: jax.Array | None
-    ) -> None:
-        """Raises for an unbound ``axis_name`` or a single value per feature."""
+    def _train(
+        self, state: State, c: Call, mask: Any, reduce_axes: tuple[int, ...]
+    ) -> tuple[jax.Array, State]:
+        """Training mode: ``(y, new_state)`` from the batch statistics over ``reduce_axes``."""
+        mask = self._batch_mask(c.x.shape, reduce_axes, mask)
+        scale, bias = self._train_affine(state, c, mask, reduce_axes)
+        y, mean, var, count = batch_normalize(
+            c.x, scale, bias, mask, self._stats_config(reduce_axes, c.out_dtype)
+        )
+        return y, self._update(state, mean, var, count, c.shape)
+
+    def _train_affine(
+        self, state: State, c: Call, mask: jax.Array | None, reduce_axes: tuple[int, ...]
+    ) -> tuple[Any, Any]:
+        """The scale and bias of a training step (BatchRenorm corrects them here)."""
+        return c.scale, c.bias
+
+    def _batch_mask(
+        self, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], mask: Any
+    ) -> jax.Array | None:
+        """The checked ``mask``; raises for an unbound ``axis_name`` or a single value per
+        feature."""
+        mask = checks.check_mask(mask, x_shape)
         devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
         if mask is None and math.prod(x_shape[i] for i in reduce_axes) * devices <= 1:
             raise ValueError(
@@ -238,72 +227,11 @@ class BatchNorm:
                 f"{tuple(x_shape)}, axis={self.axis!r}) has no meaningful variance; use a "
                 f"batch of 2 or more, or training=False."
             )
-
-    def _stats_config(
-        self, reduce_axes: tuple[int, ...], out_dtype: jnp.dtype, *, sync: bool = True
-    ) -> StatsConfig:
-        return StatsConfig(
-            axes=reduce_axes,
-            epsilon=float(self.epsilon),
-            out_dtype=out_dtype,
-            axis_name=self.axis_name if sync else None,
-            axis_index_groups=self.axis_index_groups if sync else None,
-            fast_variance=self.use_fast_variance,
-        )
-
-    def _update(
-        self,
-        state: State,
-        mean: jax.Array,
-        var: jax.Array,
-        count: jax.Array,
-        shape: tuple[int, ...],
-    ) -> State:
-        """Running statistics updated with keepdims-shaped batch statistics."""
-        return update_running(
-            state,
-            mean.reshape(shape),
-            var.reshape(shape),
-            count.reshape(shape),
-            momentum=self.momentum,
-            unbiased=self.unbiased_running_var,
-        )
+        return mask
 
 
-def normalize_with(
-    x: jax.Array,
-    mean: jax.Array,
-    var: jax.Array,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
-    feature_axes: tuple[int, ...],
-    epsilon: float,
-    out_dtype: Any,
-) -> jax.Array:
-    """Eval-mode normalization with given per-feature (e.g. running) statistics.
-
-    ``mean`` / ``var`` are feature-shaped, ``scale`` / ``bias`` already
-    broadcastable against ``x``. One multiply-add per element.
-    """
-    mean = broadcastable(mean, x.ndim, feature_axes)
-    var = broadcastable(var, x.ndim, feature_axes)
-    inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
-    return affine(x, mean, inv, scale, bias, out_dtype)
-
-
-def batch_norm(
-    params: Params,
-    state: State,
-    x: jax.Array,
-    *,
-    training: bool,
-    mask: jax.Array | None = None,
-    **config: Any,
-) -> tuple[jax.Array, State]:
-    """Functional form of :class:`BatchNorm`: ``BatchNorm(**config).apply(...)``.
-
-    Example::
-
-        y, state = bn_jax.batch_norm(params, state, x, training=True, momentum=0.9)
-    """
-    return BatchNorm(**config).apply(params, state, x, training=training, mask=mask)
+batch_norm = functional(
+    BatchNorm,
+    "batch_norm",
+    "y, state = bn_jax.batch_norm(params, state, x, training=True, momentum=0.9)",
+)

@@ -11,11 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bn_jax._core import checks
-from bn_jax._core.normalize import batch_normalize
 from bn_jax._core.stats import moments
-from bn_jax.norms._common import Params, State, broadcastable
-from bn_jax.norms.batch_norm import BatchNorm, check_training, normalize_with
+from bn_jax.norms._common import Params, State, broadcastable, functional
+from bn_jax.norms.batch_norm import BatchNorm, Call
 
 Schedule = Union[float, Callable[[jax.Array], Any]]  # noqa: UP007 (a runtime alias)
 
@@ -122,26 +120,23 @@ class BatchRenorm(BatchNorm):
         Args and errors are those of :meth:`BatchNorm.apply`; ``state`` also
         carries the int32 ``"step"`` counter.
         """
-        training = check_training(training, self._name)
+        return super().apply(params, state, x, training=training, mask=mask)
+
+    def _prepare(self, params: Params, state: State, x: jax.Array, **kwargs: Any) -> Call:
         if "step" not in state:
             raise ValueError(
                 f"{self._name}: state has no 'step' (keys: {sorted(state)}); build it with "
                 f"{self._name}.init."
             )
-        x, feature_axes, shape, scale, bias, out_dtype = self._prepare(params, state, x)
-        reduce_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-        scale = broadcastable(scale, x.ndim, feature_axes)
-        bias = broadcastable(bias, x.ndim, feature_axes)
-        if not training:
-            y = normalize_with(
-                x, state["mean"], state["var"], scale, bias, feature_axes, self.epsilon, out_dtype
-            )
-            return y, state
+        return super()._prepare(params, state, x, **kwargs)
 
-        mask = checks.check_mask(mask, x.shape)
-        self._check_batch(x.shape, reduce_axes, mask)
+    def _train_affine(
+        self, state: State, c: Call, mask: jax.Array | None, reduce_axes: tuple[int, ...]
+    ) -> tuple[Any, Any]:
+        """The effective ``(scale * r, bias + scale * d)`` of this training step."""
         # r and d need the batch statistics before normalizing; under jit XLA
         # shares this reduction with the identical one in batch_normalize.
+        x, feature_axes, scale, bias = c.x, c.feature_axes, c.scale, c.bias
         batch = moments(
             lax.stop_gradient(x),
             reduce_axes,
@@ -165,27 +160,16 @@ class BatchRenorm(BatchNorm):
         eff_bias = d if scale is None else scale.astype(dt) * d
         if bias is not None:
             eff_bias = eff_bias + bias.astype(dt)
-        y, mean, var, count = batch_normalize(
-            x, eff_scale, eff_bias, mask, self._stats_config(reduce_axes, out_dtype)
-        )
-        new_state = self._update(state, mean, var, count, shape)
-        new_state["step"] = step + 1
-        return y, new_state
+        return eff_scale, eff_bias
+
+    def _update(self, state: State, *args: Any, **kwargs: Any) -> State:
+        new_state = super()._update(state, *args, **kwargs)
+        new_state["step"] = state["step"] + 1
+        return new_state
 
 
-def batch_renorm(
-    params: Params,
-    state: State,
-    x: jax.Array,
-    *,
-    training: bool,
-    mask: jax.Array | None = None,
-    **config: Any,
-) -> tuple[jax.Array, State]:
-    """Functional form of :class:`BatchRenorm`: ``BatchRenorm(**config).apply(...)``.
-
-    Example::
-
-        y, state = bn_jax.batch_renorm(params, state, x, training=True, rmax=3.0, dmax=5.0)
-    """
-    return BatchRenorm(**config).apply(params, state, x, training=training, mask=mask)
+batch_renorm = functional(
+    BatchRenorm,
+    "batch_renorm",
+    "y, state = bn_jax.batch_renorm(params, state, x, training=True, rmax=3.0, dmax=5.0)",
+)

@@ -11,9 +11,8 @@ import numpy as np
 
 from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
-from bn_jax._core.running import update_running
-from bn_jax.norms._common import Params, State, average_stats, broadcastable
-from bn_jax.norms.batch_norm import BatchNorm, check_training, normalize_with
+from bn_jax.norms._common import Params, State, average_stats, functional
+from bn_jax.norms.batch_norm import BatchNorm, Call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,26 +92,22 @@ class GhostBatchNorm(BatchNorm):
           ValueError: as :meth:`BatchNorm.apply`, and when ``virtual_batch_size``
             does not divide ``x.shape[0]`` or ``axis`` includes axis 0.
         """
-        training = check_training(training, self._name)
-        x, feature_axes, shape, scale, bias, out_dtype = self._prepare(params, state, x)
-        if 0 in feature_axes:
+        return super().apply(params, state, x, training=training, mask=mask)
+
+    def _prepare(self, params: Params, state: State, x: jax.Array, **kwargs: Any) -> Call:
+        c = super()._prepare(params, state, x, **kwargs)
+        if 0 in c.feature_axes:
             raise ValueError(
                 f"{self._name}: axis={self.axis!r} includes axis 0, which is the batch axis "
                 f"split into virtual batches; put the batch first."
             )
-        if not training:
-            y = normalize_with(
-                x,
-                state["mean"],
-                state["var"],
-                broadcastable(scale, x.ndim, feature_axes),
-                broadcastable(bias, x.ndim, feature_axes),
-                feature_axes,
-                self.epsilon,
-                out_dtype,
-            )
-            return y, state
+        return c
 
+    def _train(
+        self, state: State, c: Call, mask: Any, reduce_axes: tuple[int, ...]
+    ) -> tuple[jax.Array, State]:
+        """Normalizes each virtual batch on its own; one running update for all."""
+        x, feature_axes = c.x, c.feature_axes
         v, batch = self.virtual_batch_size, x.shape[0]
         if batch % v:
             raise ValueError(
@@ -125,8 +120,8 @@ class GhostBatchNorm(BatchNorm):
         k = batch // v
         xg = x.reshape((k, v, *x.shape[1:]))
         g_axes = tuple(a + 1 for a in feature_axes)
-        reduce_axes = tuple(i for i in range(1, xg.ndim) if i not in g_axes)
-        if mask is None and math.prod(xg.shape[i] for i in reduce_axes) <= 1:
+        reduce_g = tuple(i for i in range(1, xg.ndim) if i not in g_axes)
+        if mask is None and math.prod(xg.shape[i] for i in reduce_g) <= 1:
             raise ValueError(
                 f"{self._name}: training with virtual_batch_size={v} leaves a single value per "
                 f"feature in each virtual batch (x.shape={tuple(x.shape)}); use "
@@ -137,10 +132,10 @@ class GhostBatchNorm(BatchNorm):
             mask = mask[None] if mask.shape[0] == 1 else mask.reshape((k, v, *mask.shape[1:]))
         y, mean, var, count = batch_normalize(
             xg,
-            broadcastable(scale, xg.ndim, g_axes),
-            broadcastable(bias, xg.ndim, g_axes),
+            None if c.scale is None else c.scale[None],  # broadcastable against xg
+            None if c.bias is None else c.bias[None],
             mask,
-            self._stats_config(reduce_axes, out_dtype, sync=False),
+            self._stats_config(reduce_g, c.out_dtype, sync=False),
         )
         # One update with the count-weighted average of the sub-batch statistics.
         mean, var, total = average_stats(
@@ -151,30 +146,13 @@ class GhostBatchNorm(BatchNorm):
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
         )
-        new_state = update_running(
-            state,
-            mean.reshape(shape),
-            var.reshape(shape),
-            total.reshape(shape),
-            momentum=self.momentum,
-        )
-        return y.reshape(x.shape), new_state
+        # average_stats already made the variance unbiased if asked.
+        return y.reshape(x.shape), self._update(state, mean, var, total, c.shape, unbiased=False)
 
 
-def ghost_batch_norm(
-    params: Params,
-    state: State,
-    x: jax.Array,
-    *,
-    training: bool,
-    mask: jax.Array | None = None,
-    **config: Any,
-) -> tuple[jax.Array, State]:
-    """Functional form of :class:`GhostBatchNorm`: ``GhostBatchNorm(**config).apply(...)``.
-
-    Example::
-
-        y, state = bn_jax.ghost_batch_norm(params, state, x, training=True,
-                                           virtual_batch_size=16)
-    """
-    return GhostBatchNorm(**config).apply(params, state, x, training=training, mask=mask)
+ghost_batch_norm = functional(
+    GhostBatchNorm,
+    "ghost_batch_norm",
+    "y, state = bn_jax.ghost_batch_norm(params, state, x, training=True,\n"
+    "                                           virtual_batch_size=16)",
+)

@@ -11,13 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from bn_jax._core import checks
-from bn_jax._core.normalize import StatsConfig, batch_normalize
-from bn_jax.norms._common import Initializer, Params, State, get_affine, init_affine
-from bn_jax.norms.batch_norm import check_training
+from bn_jax._core.normalize import batch_normalize
+from bn_jax.norms._common import (
+    Initializer,
+    NormMixin,
+    Params,
+    State,
+    check_training,
+    functional,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class GroupNorm:
+class GroupNorm(NormMixin):
     r"""Group Normalization: normalize groups of channels within each example.
 
     The ``C`` channels along ``feature_axis`` are split into ``G`` contiguous
@@ -108,13 +114,7 @@ class GroupNorm:
                     f"{self.reduction_axes!r}."
                 ) from None
             object.__setattr__(self, "reduction_axes", red)
-        object.__setattr__(
-            self,
-            "axis_index_groups",
-            checks.canonical_groups(self.axis_index_groups, self.axis_name),
-        )
-        checks.check_float_dtype("dtype", self.dtype)
-        checks.check_float_dtype("param_dtype", self.param_dtype, allow_none=False)
+        self._check_groups_and_dtypes()
 
     def _groups(self, channels: int) -> int:
         """Number of groups for ``channels``, or a ValueError that says what divides."""
@@ -150,16 +150,7 @@ class GroupNorm:
                 f"GroupNorm.init: the number of channels must be positive, got {channels}."
             )
         self._groups(channels)
-        params = init_affine(
-            (channels,),
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            scale_init=self.scale_init,
-            bias_init=self.bias_init,
-            param_dtype=self.param_dtype,
-            key=key,
-        )
-        return params, {}
+        return self._init_params((channels,), key), {}
 
     def apply(
         self,
@@ -200,10 +191,7 @@ class GroupNorm:
                 f"feature_axis={self.feature_axis} (axis {c} of an input of rank {x.ndim}): "
                 f"statistics are taken over the channels of each group."
             )
-        scale, bias = get_affine(params, self.use_scale, self.use_bias, "GroupNorm")
-        checks.check_features(
-            x.shape, (c,), {"params['scale']": scale, "params['bias']": bias}, self.feature_axis
-        )
+        scale, bias, _ = self._affine(params, x, (c,), self.feature_axis)
         channels = x.shape[c]
         groups = self._groups(channels)
         mask = checks.check_mask(mask, x.shape)
@@ -220,14 +208,7 @@ class GroupNorm:
                 mask = jnp.expand_dims(mask, c + 1)
             else:
                 mask = mask.reshape((*mask.shape[:c], *split[c : c + 2], *mask.shape[c + 1 :]))
-        cfg = StatsConfig(
-            axes=reduce_g,
-            epsilon=float(self.epsilon),
-            out_dtype=jnp.dtype(self.dtype or x.dtype),
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            fast_variance=self.use_fast_variance,
-        )
+        cfg = self._stats_config(reduce_g, jnp.dtype(self.dtype or x.dtype))
         y, _, _, _ = batch_normalize(
             x.reshape(split),
             None if scale is None else scale.reshape(pshape),
@@ -238,19 +219,6 @@ class GroupNorm:
         return y.reshape(x.shape), state
 
 
-def group_norm(
-    params: Params,
-    state: State,
-    x: jax.Array,
-    *,
-    training: bool,
-    mask: jax.Array | None = None,
-    **config: Any,
-) -> tuple[jax.Array, State]:
-    """Functional form of :class:`GroupNorm`: ``GroupNorm(**config).apply(...)``.
-
-    Example::
-
-        y, _ = bn_jax.group_norm(params, {}, x, training=True, num_groups=8)
-    """
-    return GroupNorm(**config).apply(params, state, x, training=training, mask=mask)
+group_norm = functional(
+    GroupNorm, "group_norm", "y, _ = bn_jax.group_norm(params, {}, x, training=True, num_groups=8)"
+)

@@ -11,24 +11,22 @@ import jax
 import jax.numpy as jnp
 
 from bn_jax._core import checks
-from bn_jax._core.normalize import StatsConfig, batch_normalize
-from bn_jax._core.running import update_running
+from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
+    NormMixin,
     Params,
     State,
     average_stats,
     broadcastable,
+    check_training,
     feature_shape,
-    get_affine,
-    init_affine,
+    functional,
 )
-from bn_jax.norms.batch_norm import check_training, normalize_with
-from bn_jax.norms.layer_norm import _axes
 
 
 @dataclasses.dataclass(frozen=True)
-class InstanceNorm:
+class InstanceNorm(NormMixin):
     r"""Instance Normalization: normalize each channel of each example on its own.
 
     For every example ``n`` (axis 0) and feature ``c``, over the remaining
@@ -96,34 +94,21 @@ class InstanceNorm:
     def __post_init__(self) -> None:
         checks.check_epsilon(self.epsilon)
         checks.check_momentum(self.momentum)
-        object.__setattr__(self, "feature_axes", _axes(self.feature_axes, "feature_axes"))
-        object.__setattr__(
-            self,
-            "axis_index_groups",
-            checks.canonical_groups(self.axis_index_groups, self.axis_name),
-        )
-        checks.check_float_dtype("dtype", self.dtype)
-        checks.check_float_dtype("param_dtype", self.param_dtype, allow_none=False)
+        self._canonicalize_axes("feature_axes")
+        self._check_groups_and_dtypes()
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; ``state`` is ``{}`` unless ``track_running_stats``."""
         shape = feature_shape(features, self.feature_axes, "InstanceNorm")
-        params = init_affine(
-            shape,
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            scale_init=self.scale_init,
-            bias_init=self.bias_init,
-            param_dtype=self.param_dtype,
-            key=key,
-        )
-        if not self.track_running_stats:
-            return params, {}
-        dt = checks.stat_dtype(self.param_dtype)
-        state = {"mean": jnp.zeros(shape, dt), "var": jnp.ones(shape, dt)}
-        if self.momentum is None:
-            state["count"] = jnp.zeros(shape, jnp.int32)
-        return params, state
+        state = self._init_running(shape) if self.track_running_stats else {}
+        return self._init_params(shape, key), state
+
+    def _check_running_state(self, state: State) -> None:
+        if "mean" not in state or "var" not in state:
+            raise ValueError(
+                f"InstanceNorm: track_running_stats=True but state has keys "
+                f"{sorted(state)}; build the state with InstanceNorm.init."
+            )
 
     def apply(
         self,
@@ -161,25 +146,15 @@ class InstanceNorm:
                 f"InstanceNorm: feature_axes={self.feature_axes!r} includes axis 0, the batch "
                 f"axis; put the batch first."
             )
-        scale, bias = get_affine(params, self.use_scale, self.use_bias, "InstanceNorm")
-        arrays = {"params['scale']": scale, "params['bias']": bias}
         track = self.track_running_stats
-        if track:
-            if "mean" not in state or "var" not in state:
-                raise ValueError(
-                    f"InstanceNorm: track_running_stats=True but state has keys "
-                    f"{sorted(state)}; build the state with InstanceNorm.init."
-                )
-            arrays["state['mean']"], arrays["state['var']"] = state["mean"], state["var"]
-        shape = checks.check_features(x.shape, feature_axes, arrays, self.feature_axes)
+        scale, bias, shape = self._affine(
+            params, x, feature_axes, self.feature_axes, state if track else None
+        )
         out_dtype = jnp.dtype(self.dtype or x.dtype)
         scale = broadcastable(scale, x.ndim, feature_axes)
         bias = broadcastable(bias, x.ndim, feature_axes)
         if track and not training:
-            y = normalize_with(
-                x, state["mean"], state["var"], scale, bias, feature_axes, self.epsilon, out_dtype
-            )
-            return y, state
+            return self._normalize_running(x, state, scale, bias, feature_axes, out_dtype)
 
         reduce_axes = tuple(i for i in range(1, x.ndim) if i not in feature_axes)
         mask = checks.check_mask(mask, x.shape)
@@ -191,43 +166,16 @@ class InstanceNorm:
                 f"spatial axes); its variance is meaningless. Did you mean LayerNorm or "
                 f"BatchNorm?"
             )
-        cfg = StatsConfig(
-            axes=reduce_axes,
-            epsilon=float(self.epsilon),
-            out_dtype=out_dtype,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            fast_variance=self.use_fast_variance,
-        )
+        cfg = self._stats_config(reduce_axes, out_dtype)
         y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
         if not (track and training):
             return y, state
         # Statistics are already merged over axis_name (it splits the spatial
         # axes), so the average over instances needs no further collective.
         mean, var, count = average_stats(mean, var, count, unbiased=self.unbiased_running_var)
-        new_state = update_running(
-            state,
-            mean.reshape(shape),
-            var.reshape(shape),
-            count.reshape(shape),
-            momentum=self.momentum,
-        )
-        return y, new_state
+        return y, self._update(state, mean, var, count, shape, unbiased=False)
 
 
-def instance_norm(
-    params: Params,
-    state: State,
-    x: jax.Array,
-    *,
-    training: bool,
-    mask: jax.Array | None = None,
-    **config: Any,
-) -> tuple[jax.Array, State]:
-    """Functional form of :class:`InstanceNorm`: ``InstanceNorm(**config).apply(...)``.
-
-    Example::
-
-        y, _ = bn_jax.instance_norm(params, {}, x, training=True)
-    """
-    return InstanceNorm(**config).apply(params, state, x, training=training, mask=mask)
+instance_norm = functional(
+    InstanceNorm, "instance_norm", "y, _ = bn_jax.instance_norm(params, {}, x, training=True)"
+)

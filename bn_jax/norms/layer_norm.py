@@ -9,22 +9,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bn_jax._core import checks
-from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
     Params,
+    PerExampleMixin,
     State,
-    broadcastable,
     feature_shape,
-    get_affine,
-    init_affine,
+    functional,
 )
-from bn_jax.norms.batch_norm import check_training
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerNorm:
+class LayerNorm(PerExampleMixin):
     r"""Layer Normalization: normalize each example over its feature axes.
 
     For every example (every position outside ``reduction_axes``)::
@@ -77,31 +74,9 @@ class LayerNorm:
     axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
 
-    def __post_init__(self) -> None:
-        checks.check_epsilon(self.epsilon)
-        object.__setattr__(self, "reduction_axes", _axes(self.reduction_axes, "reduction_axes"))
-        object.__setattr__(self, "feature_axes", _axes(self.feature_axes, "feature_axes"))
-        object.__setattr__(
-            self,
-            "axis_index_groups",
-            checks.canonical_groups(self.axis_index_groups, self.axis_name),
-        )
-        checks.check_float_dtype("dtype", self.dtype)
-        checks.check_float_dtype("param_dtype", self.param_dtype, allow_none=False)
-
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})`` for ``features`` (a size, a tuple of sizes or an example)."""
-        shape = feature_shape(features, self.feature_axes, type(self).__name__)
-        params = init_affine(
-            shape,
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            scale_init=self.scale_init,
-            bias_init=self.bias_init,
-            param_dtype=self.param_dtype,
-            key=key,
-        )
-        return params, {}
+        return self._init_params(feature_shape(features, self.feature_axes, self._name), key), {}
 
     def apply(
         self,
@@ -127,59 +102,12 @@ class LayerNorm:
           ValueError: feature-size mismatch, axes out of range, a mask that
             does not broadcast, or an unbound ``axis_name``.
         """
-        name = type(self).__name__
-        check_training(training, name)
-        checks.check_input(x)
-        x = jnp.asarray(x)
-        reduce_axes = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
-        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
-        scale, bias = get_affine(params, self.use_scale, self.use_bias, name)
-        checks.check_features(
-            x.shape,
-            feature_axes,
-            {"params['scale']": scale, "params['bias']": bias},
-            self.feature_axes,
-        )
-        mask = checks.check_mask(mask, x.shape)
-        checks.bound_axis_size(self.axis_name, self.axis_index_groups, name)
-        cfg = StatsConfig(
-            axes=reduce_axes,
-            epsilon=float(self.epsilon),
-            out_dtype=jnp.dtype(self.dtype or x.dtype),
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            fast_variance=self.use_fast_variance,
-        )
-        y, _, _, _ = batch_normalize(
-            x,
-            broadcastable(scale, x.ndim, feature_axes),
-            broadcastable(bias, x.ndim, feature_axes),
-            mask,
-            cfg,
-        )
+        x, reduce_axes, scale, bias, mask = self._prepare(params, x, training, mask)
+        cfg = self._stats_config(reduce_axes, jnp.dtype(self.dtype or x.dtype))
+        y, _, _, _ = batch_normalize(x, scale, bias, mask, cfg)
         return y, state
 
 
-def _axes(axes: Any, name: str) -> int | tuple[int, ...]:
-    try:
-        return checks.canonical_axis(axes)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a tuple of ints, got {axes!r}.") from None
-
-
-def layer_norm(
-    params: Params,
-    state: State,
-    x: jax.Array,
-    *,
-    training: bool,
-    mask: jax.Array | None = None,
-    **config: Any,
-) -> tuple[jax.Array, State]:
-    """Functional form of :class:`LayerNorm`: ``LayerNorm(**config).apply(...)``.
-
-    Example::
-
-        y, _ = bn_jax.layer_norm(params, {}, x, training=True, epsilon=1e-5)
-    """
-    return LayerNorm(**config).apply(params, state, x, training=training, mask=mask)
+layer_norm = functional(
+    LayerNorm, "layer_norm", "y, _ = bn_jax.layer_norm(params, {}, x, training=True, epsilon=1e-5)"
+)

@@ -16,14 +16,11 @@ from bn_jax._core.stats import group_sum
 from bn_jax.norms._common import (
     Initializer,
     Params,
+    PerExampleMixin,
     State,
-    broadcastable,
     feature_shape,
-    get_affine,
-    init_affine,
+    functional,
 )
-from bn_jax.norms.batch_norm import check_training
-from bn_jax.norms.layer_norm import _axes
 
 
 def rms_normalize(
@@ -64,7 +61,7 @@ def rms_normalize(
 
 
 @dataclasses.dataclass(frozen=True)
-class RMSNorm:
+class RMSNorm(PerExampleMixin):
     r"""RMS normalization: rescale each example by its root mean square, no centering.
 
     For every example (every position outside ``reduction_axes``)::
@@ -111,31 +108,9 @@ class RMSNorm:
     axis_name: Hashable | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
 
-    def __post_init__(self) -> None:
-        checks.check_epsilon(self.epsilon)
-        object.__setattr__(self, "reduction_axes", _axes(self.reduction_axes, "reduction_axes"))
-        object.__setattr__(self, "feature_axes", _axes(self.feature_axes, "feature_axes"))
-        object.__setattr__(
-            self,
-            "axis_index_groups",
-            checks.canonical_groups(self.axis_index_groups, self.axis_name),
-        )
-        checks.check_float_dtype("dtype", self.dtype)
-        checks.check_float_dtype("param_dtype", self.param_dtype, allow_none=False)
-
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``({"scale"}, {})`` for ``features`` (a size, sizes or an example)."""
-        shape = feature_shape(features, self.feature_axes, type(self).__name__)
-        params = init_affine(
-            shape,
-            use_scale=self.use_scale,
-            use_bias=False,
-            scale_init=self.scale_init,
-            bias_init=jax.nn.initializers.zeros,
-            param_dtype=self.param_dtype,
-            key=key,
-        )
-        return params, {}
+        return self._init_params(feature_shape(features, self.feature_axes, self._name), key), {}
 
     def apply(
         self,
@@ -161,19 +136,10 @@ class RMSNorm:
           ValueError: feature-size mismatch, axes out of range, a mask that
             does not broadcast, or an unbound ``axis_name``.
         """
-        name = type(self).__name__
-        check_training(training, name)
-        checks.check_input(x)
-        x = jnp.asarray(x)
-        reduce_axes = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
-        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
-        scale, _ = get_affine(params, self.use_scale, False, name)
-        checks.check_features(x.shape, feature_axes, {"params['scale']": scale}, self.feature_axes)
-        mask = checks.check_mask(mask, x.shape)
-        checks.bound_axis_size(self.axis_name, self.axis_index_groups, name)
+        x, reduce_axes, scale, _, mask = self._prepare(params, x, training, mask)
         y = rms_normalize(
             x,
-            broadcastable(scale, x.ndim, feature_axes),
+            scale,
             mask,
             axes=reduce_axes,
             epsilon=float(self.epsilon),
@@ -184,19 +150,4 @@ class RMSNorm:
         return y, state
 
 
-def rms_norm(
-    params: Params,
-    state: State,
-    x: jax.Array,
-    *,
-    training: bool,
-    mask: jax.Array | None = None,
-    **config: Any,
-) -> tuple[jax.Array, State]:
-    """Functional form of :class:`RMSNorm`: ``RMSNorm(**config).apply(...)``.
-
-    Example::
-
-        y, _ = bn_jax.rms_norm(params, {}, x, training=True)
-    """
-    return RMSNorm(**config).apply(params, state, x, training=training, mask=mask)
+rms_norm = functional(RMSNorm, "rms_norm", "y, _ = bn_jax.rms_norm(params, {}, x, training=True)")

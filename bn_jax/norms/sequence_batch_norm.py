@@ -13,8 +13,8 @@ from jax import lax
 from bn_jax._core import checks
 from bn_jax._core.normalize import affine, batch_normalize
 from bn_jax._core.running import update_running
-from bn_jax.norms._common import Params, State, broadcastable
-from bn_jax.norms.batch_norm import BatchNorm, check_training, normalize_with
+from bn_jax.norms._common import Params, State, check_training, normalize_with
+from bn_jax.norms.batch_norm import BatchNorm, Call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,9 +174,8 @@ class SequenceBatchNorm(BatchNorm):
             feature_axes = tuple(a - (a > time) for a in full_axes)
         else:
             feature_axes = full_axes
-        x, feature_axes, shape, scale, bias, out_dtype = self._prepare(
-            params, state, x, feature_axes=feature_axes, check_state=False
-        )
+        c = self._prepare(params, state, x, feature_axes=feature_axes, check_state=False)
+        x, feature_axes, shape, scale, bias, out_dtype = c
         for name in ("mean", "var"):
             if tuple(state[name].shape) != (self.max_steps, *shape):
                 raise ValueError(
@@ -184,12 +183,8 @@ class SequenceBatchNorm(BatchNorm):
                     f"max_steps={self.max_steps} and the feature shape {shape} need "
                     f"{(self.max_steps, *shape)}; build the state with {self._name}.init."
                 )
-        scale = broadcastable(scale, x.ndim, feature_axes)
-        bias = broadcastable(bias, x.ndim, feature_axes)
         if step_mode:
-            return self._apply_step(
-                state, x, scale, bias, mask, step, training, feature_axes, shape, out_dtype
-            )
+            return self._apply_step(state, c, mask, step, training)
 
         steps = x.shape[time]
         if not training:
@@ -200,8 +195,7 @@ class SequenceBatchNorm(BatchNorm):
             return affine(x, mean, inv, scale, bias, out_dtype), state
 
         reduce_axes = tuple(i for i in range(x.ndim) if i != time and i not in feature_axes)
-        mask = checks.check_mask(mask, x.shape)
-        self._check_batch(x.shape, reduce_axes, mask)
+        mask = self._batch_mask(x.shape, reduce_axes, mask)
         y, mean, var, count = batch_normalize(
             x, scale, bias, mask, self._stats_config(reduce_axes, out_dtype)
         )
@@ -214,21 +208,20 @@ class SequenceBatchNorm(BatchNorm):
         )
         return y, {name: state[name].at[:k].set(new[name]) for name in state}
 
-    def _apply_step(self, state, x, scale, bias, mask, step, training, feature_axes, shape, dt):
+    def _apply_step(
+        self, state: State, c: Call, mask: Any, step: Any, training: bool
+    ) -> tuple[jax.Array, State]:
         step = _check_step(step, self._name)
         slot = jnp.clip(step, 0, self.max_steps - 1)
         old = {n: lax.dynamic_index_in_dim(v, slot, 0, keepdims=False) for n, v in state.items()}
         if not training:
             mean, var = old["mean"], old["var"]
-            y = normalize_with(x, mean, var, scale, bias, feature_axes, self.epsilon, dt)
+            y = normalize_with(
+                c.x, mean, var, c.scale, c.bias, c.feature_axes, self.epsilon, c.out_dtype
+            )
             return y, state
-        reduce_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-        mask = checks.check_mask(mask, x.shape)
-        self._check_batch(x.shape, reduce_axes, mask)
-        y, mean, var, count = batch_normalize(
-            x, scale, bias, mask, self._stats_config(reduce_axes, dt)
-        )
-        new = self._update(old, mean, var, count, shape)
+        reduce_axes = tuple(i for i in range(c.x.ndim) if i not in c.feature_axes)
+        y, new = self._train(old, c, mask, reduce_axes)
         in_range = (step >= 0) & (step < self.max_steps)
         return y, {
             name: lax.dynamic_update_index_in_dim(
