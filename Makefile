@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test lint format bench clean
 
@@ -22,7 +22,7 @@ $(VENV)/.installed-examples: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 demo: $(VENV)/.installed-examples
-	$(PY) examples/bn_basics.py
+	$(PY) examples/train_digits.py
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check bn_jax tests examples

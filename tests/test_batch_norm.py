@@ -495,3 +495,12 @@ def test_error_missing_param_and_bad_init():
         bn_jax.BatchNorm(axis=(1, 2)).init(3)
     with pytest.raises(TypeError, match=r"BatchNorm.init expects"):
         norm.init("three")
+
+
+def test_error_state_missing_running_statistics():
+    norm = bn_jax.BatchNorm(momentum=None)
+    params, state = norm.init(3)
+    for missing in ("mean", "var", "count"):
+        broken = {k: v for k, v in state.items() if k != missing}
+        with pytest.raises(ValueError, match=rf"state has keys .* needs .*'{missing}'"):
+            norm.apply(params, broken, rand((4, 3)), training=True)

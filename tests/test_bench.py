@@ -14,8 +14,6 @@ import pytest
 
 from bn_jax import bench
 
-pytestmark = pytest.mark.xdist_group("bench")
-
 TINY = ["--shape", "dense=8x16", "--repeats", "2", "--layers", "2", "--no-progress"]
 
 

@@ -115,7 +115,6 @@ def reference_step(d):
     return new
 
 
-@pytest.mark.xdist_group("subprocess")
 def test_two_processes_match_single_device_reference(tmp_path):
     rng = np.random.default_rng(0)
     n_dev = NUM_PROCESSES * DEVICES_PER_PROCESS
@@ -179,7 +178,6 @@ def run_example(args: list[str], timeout: float) -> str:
 SMALL = ["--steps", "3", "--per-device-batch", "8", "--hidden", "16"]
 
 
-@pytest.mark.xdist_group("subprocess")
 def test_example_distributed_runs():
     out = run_example(["examples/distributed.py", *SMALL], timeout=110)
     assert "8 x cpu devices" in out
@@ -187,7 +185,6 @@ def test_example_distributed_runs():
     assert "test accuracy" in out
 
 
-@pytest.mark.xdist_group("subprocess")
 def test_example_multihost_local_processes_runs():
     args = ["examples/multihost.py", "--local-processes", "2", "--timeout", "100", *SMALL]
     out = run_example(args, timeout=115)

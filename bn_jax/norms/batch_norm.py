@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -132,6 +132,15 @@ class BatchNorm(NormMixin):
 
     def _init_state(self, shape: tuple[int, ...]) -> State:
         return self._init_running(shape)
+
+    def _check_running_state(self, state: State) -> None:
+        need = set(jax.eval_shape(lambda: self._init_state((1,))))
+        have = set(state) if isinstance(state, Mapping) else set()
+        if not need <= have:
+            raise ValueError(
+                f"{self._name}: state has keys {sorted(have)} but needs {sorted(need)}; "
+                f"build it with {self._name}.init (momentum=None adds 'count')."
+            )
 
     def apply(
         self,

@@ -176,6 +176,7 @@ class SequenceBatchNorm(BatchNorm):
             feature_axes = full_axes
         c = self._prepare(params, state, x, feature_axes=feature_axes, check_state=False)
         x, feature_axes, shape, scale, bias, out_dtype = c
+        self._check_running_state(state)
         for name in ("mean", "var"):
             if tuple(state[name].shape) != (self.max_steps, *shape):
                 raise ValueError(
