@@ -78,6 +78,8 @@ TARGETS = {
 
 @dataclasses.dataclass(frozen=True)
 class Library:
+    """A BatchNorm under test: ``init(x)``, ``apply(params, state, x, training)``."""
+
     name: str
     init: Callable[[jax.Array], tuple[Any, Any]]
     apply: Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
@@ -266,6 +268,8 @@ def measure_bandwidth(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
 
 @dataclasses.dataclass
 class Case:
+    """One measured benchmark case: times per library (ms) next to the floor and the bound."""
+
     shape_name: str
     shape: tuple[int, ...]
     dtype: str
@@ -290,6 +294,22 @@ def run_case(
     repeats: int,
     bandwidth: float,
 ) -> Case:
+    """Times one workload (``fwd``, ``fwd+bwd`` or ``eval``) of every library on one shape.
+
+    Args:
+      shape_name: a label for the shape (``"conv"``, ``"dense"``).
+      shape: the input shape, features last.
+      dtype: the input dtype's name (``"float32"``, ``"bfloat16"``).
+      mode: ``"single"`` (one jitted layer) or ``"network"`` (``layers`` chained).
+      workload: one of :data:`WORKLOADS`.
+      libraries: names of the libraries to time (see :func:`available_libraries`).
+      layers: number of chained layers in ``"network"`` mode.
+      repeats: interleaved runs; the median is reported.
+      bandwidth: the measured memory bandwidth in bytes/s, for the bound.
+
+    Returns:
+      The :class:`Case` with median times in milliseconds.
+    """
     dt = jnp.dtype(dtype)
     kx, kw = jax.random.split(jax.random.key(0))
     x = (3.0 + 2.0 * jax.random.normal(kx, shape, jnp.float32)).astype(dt)
@@ -382,6 +402,7 @@ def summarize_targets(cases: Sequence[Case]) -> list[dict[str, Any]]:
 
 
 def machine_info() -> dict[str, Any]:
+    """Platform, Python, JAX and device of this run, for the report."""
     dev = jax.devices()[0]
     return {
         "platform": platform.platform(),
@@ -395,6 +416,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def format_table(cases: Sequence[Case], libraries: Sequence[str]) -> str:
+    """The measured cases as an aligned text table of times and ratios."""
     others = [n for n in libraries if n != "bn_jax"]
     head = ["case", "mode", "workload"]
     head += [f"{n} ms" for n in libraries]
@@ -453,6 +475,7 @@ def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m bn_jax.bench``."""
     p = argparse.ArgumentParser(
         prog="python -m bn_jax.bench",
         description="Time bn_jax against flax.linen.BatchNorm (and Haiku/Equinox when "
@@ -524,7 +547,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def _text_report(report, cases, libraries) -> str:
+def _text_report(report: dict[str, Any], cases: Sequence[Case], libraries: Sequence[str]) -> str:
     m, bw = report["machine"], report["bandwidth"]
     machine = (
         f"machine: {m['device']} ({m['backend']}), {m['cpu_count']} cores, {m['platform']}; "
@@ -553,17 +576,19 @@ def _text_report(report, cases, libraries) -> str:
 
 
 class _NoProgress:
-    def update(self, n):
+    """Stands in for a tqdm bar when there is no terminal or no tqdm."""
+
+    def update(self, n: int) -> None:
         pass
 
-    def set_description(self, s):
+    def set_description(self, s: str) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         pass
 
 
-def _progress(total: int, disable: bool):
+def _progress(total: int, disable: bool) -> Any:
     if disable or not sys.stderr.isatty():
         return _NoProgress()
     try:
@@ -574,6 +599,7 @@ def _progress(total: int, disable: bool):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m bn_jax.bench``: runs and prints the benchmark."""
     run(argv)
 
 

@@ -484,8 +484,8 @@ def recalibrate(
         one-shot iterator, a ``state`` whose structure or shapes do not match
         the inputs, a ``mask`` that does not broadcast, an unbound
         ``axis_name``.
-      TypeError: non-float inputs, ``masked=True`` with ``fn`` not returning
-        a pair.
+      TypeError: non-float inputs, a non-int ``passes``, a non-callable
+        ``fn``, ``masked=True`` with ``fn`` not returning a pair.
 
     A non-finite batch makes the result non-finite: recalibration is a
     measurement, and it shows bad data rather than skipping it.
@@ -501,7 +501,9 @@ def recalibrate(
     "Updating Formulae and a Pairwise Algorithm for Computing Sample
     Variances", 1979.
     """
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+    if isinstance(passes, bool) or not isinstance(passes, int):
+        raise TypeError(f"recalibrate: passes must be an int >= 1, got {passes!r}.")
+    if passes < 1:
         raise ValueError(f"recalibrate: passes must be an int >= 1, got {passes!r}.")
     if passes > 1 and state is None:
         raise ValueError(

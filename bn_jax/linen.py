@@ -82,6 +82,7 @@ def _plain_initializers(core: Any) -> Any:
     User initializers may return boxed values (``nn.with_partitioning``), which
     the core's ``init`` cannot turn into arrays; parameters are created by Flax
     with the user's initializers, so only their shapes are needed from the core.
+    Also used by :mod:`bn_jax.nnx`.
     """
     fields = {
         f.name: jax.nn.initializers.zeros
@@ -91,6 +92,11 @@ def _plain_initializers(core: Any) -> Any:
     return dataclasses.replace(core, **fields) if fields else core
 
 
+def _stateless_error(layer: str) -> TypeError:
+    """The TypeError of both adapters for ``use_running_average`` on a stateless layer."""
+    return TypeError(f"{layer} keeps no running statistics; use_running_average does not apply.")
+
+
 def _core(module: Any, core_cls: type) -> Any:
     """``core_cls`` configured with ``module``'s attributes of the same names."""
     return core_cls(
@@ -98,11 +104,8 @@ def _core(module: Any, core_cls: type) -> Any:
     )
 
 
-def _stateless_error(layer: str) -> TypeError:
-    return TypeError(f"{layer} keeps no running statistics; use_running_average does not apply.")
-
-
 def _single_value_per_feature(core: Any, x: jax.Array) -> bool:
+    """Whether a training step of ``core`` on ``x`` would have one value per feature."""
     feature_axes = checks.resolve_axes(core.axis, x.ndim)
     return math.prod(x.shape[i] for i in range(x.ndim) if i not in feature_axes) <= 1
 

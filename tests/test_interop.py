@@ -68,7 +68,15 @@ def test_round_trip(prefix):
     # usable by the core as it is
     x = np.random.default_rng(1).normal(size=(4, C, 2, 2)).astype(np.float32)
     y, _ = bn_jax.BatchNorm(axis=1).apply(params, state, x, training=False)
-    assert y.shape == x.shape
+    want = ref.bn_eval(
+        x,
+        sd[key_prefix + "running_mean"],
+        sd[key_prefix + "running_var"],
+        sd[key_prefix + "weight"],
+        sd[key_prefix + "bias"],
+        axis=1,
+    )
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
 def test_cumulative_count_and_affine_false():

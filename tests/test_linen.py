@@ -346,17 +346,7 @@ MEMBERS: dict[str, tuple[dict[str, Any], tuple[int, ...], dict[str, Any]]] = {
 }
 
 
-def _member_cases():
-    cases = []
-    for name in MEMBERS:
-        marks = []
-        if not hasattr(bn_jax, name.split("-")[0]):
-            marks = [pytest.mark.skip(reason=f"bn_jax.{name} is not exported by bn_jax yet")]
-        cases.append(pytest.param(name, marks=marks))
-    return cases
-
-
-@pytest.mark.parametrize("name", _member_cases())
+@pytest.mark.parametrize("name", list(MEMBERS))
 def test_member_wrappers_equal_core(name):
     """bn_jax.linen.<Member> and bn_jax.nnx.<Member> equal the core, bit for bit."""
     from flax import nnx

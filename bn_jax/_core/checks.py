@@ -20,6 +20,7 @@ AxisName = Hashable | tuple[Hashable, ...]
 
 
 def check_momentum(momentum: float | None, *, allow_none: bool = True) -> None:
+    """Raises unless ``momentum`` is a number in ``[0, 1]`` (or None when allowed)."""
     if momentum is None:
         if allow_none:
             return
@@ -34,6 +35,7 @@ def check_momentum(momentum: float | None, *, allow_none: bool = True) -> None:
 
 
 def check_epsilon(epsilon: float) -> None:
+    """Raises unless ``epsilon`` is a positive finite number."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating)):
         raise TypeError(f"epsilon must be a positive float, got {epsilon!r}.")
     if not float(epsilon) > 0.0 or not math.isfinite(float(epsilon)):
@@ -85,17 +87,22 @@ def canonical_groups(axis_index_groups: Any, axis_name: Any) -> tuple[tuple[int,
 
 
 def check_float_dtype(name: str, dtype: Any, *, allow_none: bool = True) -> None:
-    if dtype is None and allow_none:
-        return
-    try:
-        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-    except TypeError:
-        ok = False
+    """Raises unless ``dtype`` is a floating-point dtype (or None when allowed)."""
+    if dtype is None:
+        if allow_none:
+            return
+        ok = False  # jnp.dtype(None) would silently be float64
+    else:
+        try:
+            ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+        except TypeError:
+            ok = False
     if not ok:
         raise TypeError(f"{name} must be a floating-point dtype, got {dtype!r}.")
 
 
 def check_input(x: jax.Array, name: str = "x") -> None:
+    """Raises unless ``x`` is a floating-point array (``name`` is used in the message)."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise TypeError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -126,8 +133,13 @@ def check_features(
     feature_axes: tuple[int, ...],
     arrays: dict[str, Any],
     axis: Any,
+    axis_arg: str = "axis",
 ) -> tuple[int, ...]:
-    """Checks that every per-feature array matches the input's feature shape."""
+    """Checks that every per-feature array matches the input's feature shape.
+
+    ``axis`` is the user's value of the layer's feature-axis argument, which
+    the message names as ``axis_arg`` (``feature_axes`` for LayerNorm, ...).
+    """
     feature_shape = tuple(x_shape[a] for a in feature_axes)
     for name, arr in arrays.items():
         if arr is None:
@@ -141,15 +153,16 @@ def check_features(
                 and len(arr.shape) == 1
                 and x_shape[1] == arr.shape[0]
             ):
-                hint = "; channels-first (NCHW) input needs axis=1"
+                hint = f"; channels-first (NCHW) input needs {axis_arg}=1"
             raise ValueError(
                 f"{name} has shape {tuple(arr.shape)} but x of shape {tuple(x_shape)} has "
-                f"feature shape {feature_shape} along axis={axis!r}{hint}."
+                f"feature shape {feature_shape} along {axis_arg}={axis!r}{hint}."
             )
     return feature_shape
 
 
 def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
+    """``mask`` as a boolean array that broadcasts to ``x_shape`` (None stays None)."""
     if mask is None:
         return None
     mask = jnp.asarray(mask)

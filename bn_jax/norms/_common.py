@@ -22,6 +22,7 @@ State = dict[str, jax.Array]
 
 
 def check_training(training: Any, layer: str) -> bool:
+    """``training`` as a bool; a TypeError unless it is a Python (or NumPy) bool."""
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(
             f"{layer}.apply: training must be a Python bool (it picks the code path when "
@@ -98,16 +99,22 @@ class NormMixin:
         params: Params,
         x: jax.Array,
         feature_axes: tuple[int, ...],
-        axis: Any,
+        axis_arg: str,
         state: State | None = None,
     ) -> tuple[jax.Array | None, jax.Array | None, tuple[int, ...]]:
-        """``(scale, bias, feature shape)``, checked against ``x`` (and ``state``)."""
+        """``(scale, bias, feature shape)``, checked against ``x`` (and ``state``).
+
+        ``axis_arg`` is the name of the field that gives the feature axes
+        (``axis``, ``feature_axes``, ...), for the error message.
+        """
         scale, bias = get_affine(params, self.use_scale, self._use_bias, self._name)
         arrays = {"params['scale']": scale, "params['bias']": bias}
         if state is not None:
             self._check_running_state(state)
             arrays["state['mean']"], arrays["state['var']"] = state["mean"], state["var"]
-        shape = checks.check_features(x.shape, feature_axes, arrays, axis)
+        shape = checks.check_features(
+            x.shape, feature_axes, arrays, getattr(self, axis_arg), axis_arg
+        )
         return scale, bias, shape
 
     def _stats_config(
@@ -181,7 +188,7 @@ class PerExampleMixin(NormMixin):
         x = jnp.asarray(x)
         reduce_axes = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
         feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
-        scale, bias, _ = self._affine(params, x, feature_axes, self.feature_axes)
+        scale, bias, _ = self._affine(params, x, feature_axes, "feature_axes")
         mask = checks.check_mask(mask, x.shape)
         checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
         scale = broadcastable(scale, x.ndim, feature_axes)
@@ -205,19 +212,44 @@ def functional(cls: type, name: str, example: str) -> Callable[..., tuple[jax.Ar
         return cls(**config).apply(params, state, x, training=training, mask=mask)
 
     layer = cls.__name__
+    summary = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = cls.__module__
-    fn.__doc__ = (
-        f"Functional form of :class:`{layer}`: ``{layer}(**config).apply(...)``.\n\n"
-        f"    Example::\n\n        {example}\n    "
-    )
+    fn.__doc__ = functional_doc(layer, summary, example)
     return fn
 
 
-def feature_shape(features: Any, axis: int | tuple[int, ...], layer: str) -> tuple[int, ...]:
-    """The per-feature shape from ``num_features``, a tuple of sizes or an example array."""
+def functional_doc(layer: str, summary: str, example: str, extra_args: str = "") -> str:
+    """The docstring of the functional form of the normalizer class ``layer``."""
+    return (
+        f"{summary} (functional form of :class:`{layer}`).\n\n"
+        f"    ``{layer}(**config).apply(params, state, x, training=..., mask=...)``; see\n"
+        f"    :class:`{layer}` for the formula, the conventions and the paper.\n\n"
+        f"    Args:\n"
+        f"      params: the parameters from ``{layer}(**config).init``.\n"
+        f"      state: the state from ``{layer}(**config).init``.\n"
+        f"      x: floating-point input.\n"
+        f"      training: keyword only; as in :meth:`{layer}.apply`.\n"
+        f"      mask: boolean array broadcastable to ``x``; only True elements enter\n"
+        f"        the statistics.\n"
+        f"{extra_args}"
+        f"      **config: the fields of :class:`{layer}` (validated on every call).\n\n"
+        f"    Returns:\n"
+        f"      ``(y, new_state)``, as :meth:`{layer}.apply`.\n\n"
+        f"    Example::\n\n        {example}\n    "
+    )
+
+
+def feature_shape(
+    features: Any, axis: int | tuple[int, ...], layer: str, axis_arg: str = "axis"
+) -> tuple[int, ...]:
+    """The per-feature shape from ``num_features``, a tuple of sizes or an example array.
+
+    ``axis`` is the value of the layer's feature-axis field, named ``axis_arg``
+    in error messages.
+    """
     if hasattr(features, "shape") and hasattr(features, "ndim"):
-        axes = resolve_axes(axis, features.ndim)
+        axes = resolve_axes(axis, features.ndim, axis_arg)
         return tuple(int(features.shape[a]) for a in axes)
     n_axes = 1 if isinstance(axis, int) else len(axis)
     if isinstance(features, (int, np.integer)) and not isinstance(features, bool):
@@ -233,7 +265,8 @@ def feature_shape(features: Any, axis: int | tuple[int, ...], layer: str) -> tup
         )
     if len(sizes) != n_axes:
         raise ValueError(
-            f"{layer}.init got feature sizes {sizes} for axis={axis!r}, which names {n_axes} "
+            f"{layer}.init got feature sizes {sizes} for {axis_arg}={axis!r}, which names "
+            f"{n_axes} "
             f"feature axes; pass one size per axis or an example input."
         )
     if any(s <= 0 for s in sizes):

@@ -195,7 +195,7 @@ class BatchNorm(NormMixin):
         if feature_axes is None:
             feature_axes = checks.resolve_axes(self.axis, x.ndim)
         scale, bias, shape = self._affine(
-            params, x, feature_axes, self.axis, state if check_state else None
+            params, x, feature_axes, "axis", state if check_state else None
         )
         return Call(
             x,
@@ -230,7 +230,7 @@ class BatchNorm(NormMixin):
         feature."""
         mask = checks.check_mask(mask, x_shape)
         devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
-        if mask is None and math.prod(x_shape[i] for i in reduce_axes) * devices <= 1:
+        if math.prod(x_shape[i] for i in reduce_axes) * devices <= 1:
             raise ValueError(
                 f"{self._name}: training with a single value per feature (x.shape="
                 f"{tuple(x_shape)}, axis={self.axis!r}) has no meaningful variance; use a "

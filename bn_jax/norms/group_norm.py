@@ -137,7 +137,8 @@ class GroupNorm(NormMixin):
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})`` for ``features`` channels (an int or an example input)."""
         if hasattr(features, "shape") and hasattr(features, "ndim"):
-            channels = features.shape[checks.resolve_axes(self.feature_axis, features.ndim)[0]]
+            (c,) = checks.resolve_axes(self.feature_axis, features.ndim, "feature_axis")
+            channels = features.shape[c]
         elif isinstance(features, (int, np.integer)) and not isinstance(features, bool):
             channels = int(features)
         else:
@@ -177,7 +178,7 @@ class GroupNorm(NormMixin):
             omit the feature axis, a feature-size mismatch, axes out of range,
             a mask that does not broadcast, or an unbound ``axis_name``.
         """
-        check_training(training, "GroupNorm")
+        check_training(training, self._name)
         checks.check_input(x)
         x = jnp.asarray(x)
         (c,) = checks.resolve_axes(self.feature_axis, x.ndim, "feature_axis")
@@ -191,11 +192,11 @@ class GroupNorm(NormMixin):
                 f"feature_axis={self.feature_axis} (axis {c} of an input of rank {x.ndim}): "
                 f"statistics are taken over the channels of each group."
             )
-        scale, bias, _ = self._affine(params, x, (c,), self.feature_axis)
+        scale, bias, _ = self._affine(params, x, (c,), "feature_axis")
         channels = x.shape[c]
         groups = self._groups(channels)
         mask = checks.check_mask(mask, x.shape)
-        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "GroupNorm")
+        checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
 
         # Split the channel axis c into (groups, channels per group) at c, c + 1.
         split = (*x.shape[:c], groups, channels // groups, *x.shape[c + 1 :])

@@ -65,6 +65,16 @@ class InstanceNorm(NormMixin):
       unbiased_running_var: average the unbiased instance variances into the
         running variance, as PyTorch does.
 
+    Conventions (with ``track_running_stats=True``):
+      * ``momentum=0.99`` here is PyTorch's ``momentum=0.01`` (PyTorch's
+        default 0.1 is 0.9 here).
+      * The running variance averages the biased instance variances, unless
+        ``unbiased_running_var=True`` (PyTorch's convention).
+      * Running statistics start at mean 0 and variance 1 with no debiasing,
+        so evaluation before any training step returns
+        ``x / sqrt(1 + epsilon) * scale + bias``; a channel whose statistics
+        are not finite keeps its running statistics.
+
     Example::
 
         norm = bn_jax.InstanceNorm(use_scale=False, use_bias=False)
@@ -99,7 +109,7 @@ class InstanceNorm(NormMixin):
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; ``state`` is ``{}`` unless ``track_running_stats``."""
-        shape = feature_shape(features, self.feature_axes, "InstanceNorm")
+        shape = feature_shape(features, self.feature_axes, self._name, "feature_axes")
         state = self._init_running(shape) if self.track_running_stats else {}
         return self._init_params(shape, key), state
 
@@ -137,7 +147,7 @@ class InstanceNorm(NormMixin):
             mismatch, axes out of range, a mask that does not broadcast, a
             single value per instance and channel, or an unbound ``axis_name``.
         """
-        training = check_training(training, "InstanceNorm")
+        training = check_training(training, self._name)
         checks.check_input(x)
         x = jnp.asarray(x)
         feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
@@ -148,7 +158,7 @@ class InstanceNorm(NormMixin):
             )
         track = self.track_running_stats
         scale, bias, shape = self._affine(
-            params, x, feature_axes, self.feature_axes, state if track else None
+            params, x, feature_axes, "feature_axes", state if track else None
         )
         out_dtype = jnp.dtype(self.dtype or x.dtype)
         scale = broadcastable(scale, x.ndim, feature_axes)
@@ -158,7 +168,7 @@ class InstanceNorm(NormMixin):
 
         reduce_axes = tuple(i for i in range(1, x.ndim) if i not in feature_axes)
         mask = checks.check_mask(mask, x.shape)
-        devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, "InstanceNorm")
+        devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
         if mask is None and math.prod(x.shape[i] for i in reduce_axes) * devices <= 1:
             raise ValueError(
                 f"InstanceNorm: x.shape={tuple(x.shape)} with feature_axes="

@@ -76,7 +76,9 @@ class LayerNorm(PerExampleMixin):
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})`` for ``features`` (a size, a tuple of sizes or an example)."""
-        return self._init_params(feature_shape(features, self.feature_axes, self._name), key), {}
+        return self._init_params(
+            feature_shape(features, self.feature_axes, self._name, "feature_axes"), key
+        ), {}
 
     def apply(
         self,

@@ -110,7 +110,9 @@ class RMSNorm(PerExampleMixin):
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``({"scale"}, {})`` for ``features`` (a size, sizes or an example)."""
-        return self._init_params(feature_shape(features, self.feature_axes, self._name), key), {}
+        return self._init_params(
+            feature_shape(features, self.feature_axes, self._name, "feature_axes"), key
+        ), {}
 
     def apply(
         self,

@@ -13,7 +13,7 @@ from jax import lax
 from bn_jax._core import checks
 from bn_jax._core.normalize import affine, batch_normalize
 from bn_jax._core.running import update_running
-from bn_jax.norms._common import Params, State, check_training, normalize_with
+from bn_jax.norms._common import Params, State, check_training, functional_doc, normalize_with
 from bn_jax.norms.batch_norm import BatchNorm, Call
 
 
@@ -274,12 +274,17 @@ def sequence_batch_norm(
     step: int | jax.Array | None = None,
     **config: Any,
 ) -> tuple[jax.Array, State]:
-    """Functional form of :class:`SequenceBatchNorm`: ``SequenceBatchNorm(**config).apply(...)``.
-
-    Example::
-
-        y, state = bn_jax.sequence_batch_norm(params, state, x, training=True, max_steps=50)
-    """
     return SequenceBatchNorm(**config).apply(
         params, state, x, training=training, mask=mask, step=step
     )
+
+
+sequence_batch_norm.__doc__ = functional_doc(
+    "SequenceBatchNorm",
+    "Recurrent Batch Normalization: separate statistics for every time step",
+    "y, state = bn_jax.sequence_batch_norm(params, state, x, training=True, max_steps=50)",
+    extra_args=(
+        "      step: the time index of a single-step ``x`` (see\n"
+        "        :meth:`SequenceBatchNorm.apply`); None for a whole sequence.\n"
+    ),
+)
