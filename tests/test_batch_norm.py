@@ -513,3 +513,27 @@ def test_error_single_value_per_channel_even_with_mask():
     # a mask can only lower the count: one value per feature stays an error
     with pytest.raises(ValueError, match=r"single value per feature"):
         _apply_error(rand((1, 5)), mask=np.ones((1, 5), bool))
+
+
+def test_remat_and_vmap_over_independent_models():
+    norm = bn_jax.BatchNorm(momentum=0.5)
+    params, state = affine_params(norm, 4)
+    x = rand((3, 6, 4), loc=2.0)  # 3 independent models, batch 6 each
+    w = rand(x.shape, seed=9)
+
+    def loss(p, s, x, w):
+        y, s = norm.apply(p, s, x, training=True)
+        return jnp.sum(y * w), s
+
+    g_plain = jax.grad(loss, has_aux=True)(params, state, x[0], w[0])[0]
+    g_remat = jax.grad(jax.checkpoint(loss), has_aux=True)(params, state, x[0], w[0])[0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), g_remat, g_plain)
+
+    # vmap with no axis_name: each model keeps its own statistics
+    ys, states = jax.vmap(lambda x: norm.apply(params, state, x, training=True))(x)
+    for i in range(3):
+        want = ref.bn_train(x[i], params["scale"], params["bias"])
+        np.testing.assert_allclose(ys[i], want, rtol=1e-5, atol=1e-5)
+        mean, var, _ = ref.bn_stats(x[i])
+        np.testing.assert_allclose(states["mean"][i], ref.ema(0.0, mean, 0.5), rtol=1e-5)
+        np.testing.assert_allclose(states["var"][i], ref.ema(1.0, var, 0.5), rtol=1e-5)
