@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Hashable
 from typing import Any
 
 import flax.linen as nn
@@ -254,7 +255,7 @@ class BatchNorm(nn.Module):
     use_scale: bool = True
     bias_init: Initializer = jax.nn.initializers.zeros
     scale_init: Initializer = jax.nn.initializers.ones
-    axis_name: str | None = None
+    axis_name: Hashable | None = None
     axis_index_groups: Any = None
     use_fast_variance: bool = False
     force_float32_reductions: bool = True

@@ -37,7 +37,7 @@ float32); ``promote_dtype`` is not accepted for the same reason.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -239,7 +239,7 @@ class BatchNorm(Norm):
         use_scale: bool = True,
         bias_init: Initializer = jax.nn.initializers.zeros,
         scale_init: Initializer = jax.nn.initializers.ones,
-        axis_name: str | None = None,
+        axis_name: Hashable | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = False,
         unbiased_running_var: bool = False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def feature_axes(ndim: int, axis) -> tuple[int, ...]:
+def axes_of(ndim: int, axis) -> tuple[int, ...]:
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     return tuple(sorted(a % ndim for a in axes))
 
@@ -13,7 +13,7 @@ def feature_axes(ndim: int, axis) -> tuple[int, ...]:
 def bn_stats(x, axis=-1, mask=None):
     """Batch mean, biased variance and count per feature, float64, feature-shaped."""
     x = np.asarray(x, np.float64)
-    fa = feature_axes(x.ndim, axis)
+    fa = axes_of(x.ndim, axis)
     red = tuple(i for i in range(x.ndim) if i not in fa)
     if mask is None:
         w = np.ones_like(x)
@@ -30,26 +30,24 @@ def bn_stats(x, axis=-1, mask=None):
 def bn_train(x, scale=None, bias=None, axis=-1, eps=1e-5, mask=None):
     """Training-mode BatchNorm output in float64."""
     x = np.asarray(x, np.float64)
-    fa = feature_axes(x.ndim, axis)
-    red = tuple(i for i in range(x.ndim) if i not in fa)
     mean, var, _ = bn_stats(x, axis, mask)
-    y = (x - np.expand_dims(mean, red)) / np.sqrt(np.expand_dims(var, red) + eps)
-    if scale is not None:
-        y = y * np.expand_dims(np.asarray(scale, np.float64), red)
-    if bias is not None:
-        y = y + np.expand_dims(np.asarray(bias, np.float64), red)
-    return y
+    return bn_eval(x, mean, var, scale, bias, axis, eps)
 
 
 def bn_eval(x, mean, var, scale=None, bias=None, axis=-1, eps=1e-5):
+    """BatchNorm with given per-feature statistics (eval mode), float64."""
     x = np.asarray(x, np.float64)
-    fa = feature_axes(x.ndim, axis)
-    red = tuple(i for i in range(x.ndim) if i not in fa)
-    y = (x - np.expand_dims(mean, red)) / np.sqrt(np.expand_dims(var, red) + eps)
+    fa = axes_of(x.ndim, axis)
+    y = (x - _per_feature(mean, x.ndim, fa)) / np.sqrt(_per_feature(var, x.ndim, fa) + eps)
+    return _scale_shift(y, scale, bias, fa)
+
+
+def _scale_shift(y, scale, bias, fa):
+    """``y * scale + bias`` with feature-shaped ``scale`` / ``bias`` (None: absent)."""
     if scale is not None:
-        y = y * np.expand_dims(np.asarray(scale, np.float64), red)
+        y = y * _per_feature(scale, y.ndim, fa)
     if bias is not None:
-        y = y + np.expand_dims(np.asarray(bias, np.float64), red)
+        y = y + _per_feature(bias, y.ndim, fa)
     return y
 
 
@@ -97,27 +95,19 @@ def _per_feature(v, ndim, feature_axes):
 
 def layer_norm(x, scale=None, bias=None, reduction_axes=-1, feature_axes=-1, eps=1e-6, mask=None):
     x = np.asarray(x, np.float64)
-    red = feature_axes_of(x.ndim, reduction_axes)
-    fa = feature_axes_of(x.ndim, feature_axes)
+    red = axes_of(x.ndim, reduction_axes)
+    fa = axes_of(x.ndim, feature_axes)
     mean, var = _masked_moments(x, red, mask)
-    y = (x - mean) / np.sqrt(var + eps)
-    if scale is not None:
-        y = y * _per_feature(scale, x.ndim, fa)
-    if bias is not None:
-        y = y + _per_feature(bias, x.ndim, fa)
-    return y
+    return _scale_shift((x - mean) / np.sqrt(var + eps), scale, bias, fa)
 
 
 def rms_norm(x, scale=None, reduction_axes=-1, feature_axes=-1, eps=1e-6, mask=None):
     x = np.asarray(x, np.float64)
-    red = feature_axes_of(x.ndim, reduction_axes)
-    fa = feature_axes_of(x.ndim, feature_axes)
+    red = axes_of(x.ndim, reduction_axes)
+    fa = axes_of(x.ndim, feature_axes)
     w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
     ms = (w * x * x).sum(red, keepdims=True) / np.maximum(w.sum(red, keepdims=True), 1)
-    y = x / np.sqrt(ms + eps)
-    if scale is not None:
-        y = y * _per_feature(scale, x.ndim, fa)
-    return y
+    return _scale_shift(x / np.sqrt(ms + eps), scale, None, fa)
 
 
 def group_norm(
@@ -126,11 +116,7 @@ def group_norm(
     """Loops over the groups: each slice of channels is normalized over reduction_axes."""
     x = np.asarray(x, np.float64)
     c = feature_axis % x.ndim
-    red = (
-        tuple(range(1, x.ndim))
-        if reduction_axes is None
-        else feature_axes_of(x.ndim, reduction_axes)
-    )
+    red = tuple(range(1, x.ndim)) if reduction_axes is None else axes_of(x.ndim, reduction_axes)
     m = None if mask is None else np.broadcast_to(mask, x.shape)
     size = x.shape[c] // num_groups
     y = np.empty_like(x)
@@ -140,17 +126,13 @@ def group_norm(
         sl = tuple(sl)
         mean, var = _masked_moments(x[sl], red, None if m is None else m[sl])
         y[sl] = (x[sl] - mean) / np.sqrt(var + eps)
-    if scale is not None:
-        y = y * _per_feature(scale, x.ndim, (c,))
-    if bias is not None:
-        y = y + _per_feature(bias, x.ndim, (c,))
-    return y
+    return _scale_shift(y, scale, bias, (c,))
 
 
 def instance_stats(x, feature_axes=-1):
     """Per-instance mean and biased variance, shape [batch, *features], float64."""
     x = np.asarray(x, np.float64)
-    fa = feature_axes_of(x.ndim, feature_axes)
+    fa = axes_of(x.ndim, feature_axes)
     red = tuple(i for i in range(1, x.ndim) if i not in fa)
     return x.mean(red), x.var(red), int(np.prod([x.shape[i] for i in red]))
 
@@ -158,21 +140,17 @@ def instance_stats(x, feature_axes=-1):
 def instance_norm(x, scale=None, bias=None, feature_axes=-1, eps=1e-6):
     """Loops over the examples: each is normalized per channel over its other axes."""
     x = np.asarray(x, np.float64)
-    fa = feature_axes_of(x.ndim, feature_axes)
+    fa = axes_of(x.ndim, feature_axes)
     y = np.stack(
         [bn_train(x[n][None], axis=tuple(a for a in fa), eps=eps)[0] for n in range(x.shape[0])]
     )
-    if scale is not None:
-        y = y * _per_feature(scale, x.ndim, fa)
-    if bias is not None:
-        y = y + _per_feature(bias, x.ndim, fa)
-    return y
+    return _scale_shift(y, scale, bias, fa)
 
 
 def batch_renorm_train(x, run_mean, run_var, rmax, dmax, scale=None, bias=None, axis=-1, eps=1e-5):
     """Batch Renormalization's training output (Ioffe 2017, algorithm 1), float64."""
     x = np.asarray(x, np.float64)
-    fa = feature_axes_of(x.ndim, axis)
+    fa = axes_of(x.ndim, axis)
     red = tuple(i for i in range(x.ndim) if i not in fa)
     mean, var, _ = bn_stats(x, axis)
     sigma_b = np.sqrt(var + eps)
@@ -181,16 +159,7 @@ def batch_renorm_train(x, run_mean, run_var, rmax, dmax, scale=None, bias=None, 
     d = np.clip((mean - np.asarray(run_mean, np.float64)) / sigma, -dmax, dmax)
     y = (x - np.expand_dims(mean, red)) / np.expand_dims(sigma_b, red)
     y = y * np.expand_dims(r, red) + np.expand_dims(d, red)
-    if scale is not None:
-        y = y * np.expand_dims(np.asarray(scale, np.float64), red)
-    if bias is not None:
-        y = y + np.expand_dims(np.asarray(bias, np.float64), red)
-    return y, r, d
-
-
-def feature_axes_of(ndim, axes):
-    a = (axes,) if isinstance(axes, int) else tuple(axes)
-    return tuple(sorted(i % ndim for i in a))
+    return _scale_shift(y, scale, bias, fa), r, d
 
 
 def torch_bn_train_step(

@@ -80,7 +80,7 @@ LN_CASES = [
 def test_layer_norm_matches_flax_and_numpy(shape, red, feat):
     norm = bn_jax.LayerNorm(reduction_axes=red, feature_axes=feat)
     x = rand(shape, loc=3.0)
-    fa = ref.feature_axes_of(len(shape), feat)
+    fa = ref.axes_of(len(shape), feat)
     params, state = rand_affine(norm, tuple(shape[a] for a in fa))
     assert state == {}
     y, out_state = jax.jit(lambda p, x: run(norm, p, {}, x, training=True))(params, x)
@@ -126,7 +126,7 @@ def test_layer_norm_gradient_matches_plain_formula():
 def test_rms_norm_matches_flax_and_numpy(shape, red, feat):
     norm = bn_jax.RMSNorm(reduction_axes=red, feature_axes=feat)
     x = rand(shape, loc=1.0)
-    fa = ref.feature_axes_of(len(shape), feat)
+    fa = ref.axes_of(len(shape), feat)
     params, state = rand_affine(norm, tuple(shape[a] for a in fa))
     assert set(params) == {"scale"} and state == {}
     y, _ = jax.jit(lambda p, x: run(norm, p, {}, x, training=True))(params, x)
@@ -237,7 +237,7 @@ def test_group_norm_gradient_matches_plain_formula():
 def test_instance_norm_matches_numpy_and_flax(shape, feat):
     norm = bn_jax.InstanceNorm(feature_axes=feat)
     x = rand(shape, loc=4.0)
-    fa = ref.feature_axes_of(len(shape), feat)
+    fa = ref.axes_of(len(shape), feat)
     params, state = rand_affine(norm, tuple(shape[a] for a in fa))
     assert state == {}
     y, _ = run(norm, params, {}, x, training=True)

@@ -28,7 +28,7 @@ SyncBatchNorm does the same), with no cancellation.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +86,7 @@ def local_moments(
     return Moments(count, mean, _centered_squares(x, mean, axes, mask))
 
 
-def _private(v: jax.Array) -> jax.Array:
+def _private(v: Any) -> Any:
     """The same value, which XLA may not merge with other uses of ``v``.
 
     A reduction can read ``x`` in the same pass as its elementwise producer
@@ -97,7 +97,9 @@ def _private(v: jax.Array) -> jax.Array:
     return lax.optimization_barrier(v)
 
 
-def _centered_squares(x, mean, axes, mask=None):
+def _centered_squares(
+    x: jax.Array, mean: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None
+) -> jax.Array:
     """``sum((x - mean)**2)`` over ``axes`` (valid elements only under ``mask``),
     reading ``x`` in one fused pass (private copies of ``x`` and ``mean``: the
     normalization computes the same ``x - mean``)."""
@@ -156,7 +158,11 @@ def group_sum(
     return jnp.sum(g.reshape((-1, *v.shape)), 0)
 
 
-def _all_gather(v, axis_name, axis_index_groups):
+def _all_gather(
+    v: jax.Array,
+    axis_name: AxisName,
+    axis_index_groups: tuple[tuple[int, ...], ...] | None,
+) -> jax.Array:
     # Without groups the gathered value is the same on every device: say so,
     # so that shard_map can return running statistics replicated (P()).
     if axis_index_groups is None and _all_manual(axis_name):
@@ -173,7 +179,7 @@ def _first_along(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return lax.slice(x, starts, _kept_shape(x.shape, axes))
 
 
-def _all_manual(axis_name) -> bool:
+def _all_manual(axis_name: AxisName) -> bool:
     """True under ``shard_map`` over ``axis_name`` (not under pmap or vmap)."""
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())

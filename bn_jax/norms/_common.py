@@ -178,6 +178,12 @@ class PerExampleMixin(NormMixin):
         self._canonicalize_axes("reduction_axes", "feature_axes")
         self._check_groups_and_dtypes()
 
+    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
+        """Returns ``(params, {})`` for ``features`` (a size, a tuple of sizes or an
+        example input); ``params`` holds the ``scale`` / ``bias`` in use."""
+        shape = feature_shape(features, self.feature_axes, self._name, "feature_axes")
+        return self._init_params(shape, key), {}
+
     def _prepare(
         self, params: Params, x: jax.Array, training: Any, mask: jax.Array | None
     ) -> tuple[jax.Array, tuple[int, ...], Any, Any, jax.Array | None]:

@@ -15,7 +15,6 @@ from bn_jax.norms._common import (
     Params,
     PerExampleMixin,
     State,
-    feature_shape,
     functional,
 )
 
@@ -73,12 +72,6 @@ class LayerNorm(PerExampleMixin):
     axis_name: Hashable | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
-
-    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
-        """Returns ``(params, {})`` for ``features`` (a size, a tuple of sizes or an example)."""
-        return self._init_params(
-            feature_shape(features, self.feature_axes, self._name, "feature_axes"), key
-        ), {}
 
     def apply(
         self,

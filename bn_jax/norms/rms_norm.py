@@ -18,7 +18,6 @@ from bn_jax.norms._common import (
     Params,
     PerExampleMixin,
     State,
-    feature_shape,
     functional,
 )
 
@@ -107,12 +106,6 @@ class RMSNorm(PerExampleMixin):
     feature_axes: int | tuple[int, ...] = -1
     axis_name: Hashable | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
-
-    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
-        """Returns ``({"scale"}, {})`` for ``features`` (a size, sizes or an example)."""
-        return self._init_params(
-            feature_shape(features, self.feature_axes, self._name, "feature_axes"), key
-        ), {}
 
     def apply(
         self,
