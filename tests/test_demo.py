@@ -1,4 +1,5 @@
-"""The examples run: the demo with tiny settings, the pure-JAX and nnx scripts.
+"""The examples run: the demo with tiny settings, the pure-JAX and nnx scripts,
+the numerics of the accelerator check.
 
 Each runs as a subprocess, as a user would run it. The accuracy thresholds
 are far below what the defaults reach, but far above chance (0.1): they fail
@@ -110,3 +111,12 @@ def test_nnx_example_trains_and_eval_is_batch_independent():
     assert "running mean unchanged: True" in stdout, stdout
     diff = float(re.search(r"max difference ([0-9.e+-]+)", stdout).group(1))
     assert diff < 1e-4, stdout
+
+
+def test_accelerator_check_numerics_pass_on_this_backend(tmp_path):
+    """The numerics half of the accelerator check (what was run on an H100) also
+    holds here; it exits non-zero if any error exceeds its tolerance."""
+    stdout = run("accelerator_check.py", "--skip-bench", "--out", str(tmp_path))
+    rows = [line for line in stdout.splitlines() if "(tol " in line]
+    assert len(rows) == 4 and all(" ok (tol " in line for line in rows), stdout
+    assert (tmp_path / "numerics.json").exists()

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax._core.checks import AxisName, stat_dtype
-from bn_jax._core.stats import group_sum, moments
+from bn_jax._core.stats import group_sum, moments, private_copies
 
 
 class StatsConfig(NamedTuple):
@@ -119,7 +119,7 @@ def _tangent_map(cfg, x, mean, inv, count, scale, mask, dx, dscale, dbias):
     # sum(g * x_hat) and the elementwise dx) instead of writing it (or x
     # converted to float32) to memory and reading it back.
     x_hat = (x.astype(dt) - mean) * inv
-    x_c, mean_c, inv_c = lax.optimization_barrier((x, mean, inv))
+    x_c, (mean_c, inv_c) = private_copies(x), private_copies((mean, inv))
     x_hat_c = (x_c.astype(dt) - mean_c) * inv_c
     dxf = dx.astype(dt)
     w = dxf if mask is None else jnp.where(mask, dxf, 0)
