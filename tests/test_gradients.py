@@ -307,8 +307,8 @@ def test_compiled_training_forward_is_two_reductions_and_one_pass():
 
 def test_private_copies_are_lowered_on_cpu_only():
     """The optimization barriers that keep XLA:CPU's passes apart split fusions on
-    GPU (twice the forward time on an H100): they must vanish when lowering for
-    CUDA, leaving only the one that ``jax.checkpoint`` itself adds."""
+    GPU (twice the forward time on an H100): lowered for CUDA, the program has
+    none (``jax.checkpoint`` runs with ``prevent_cse=False``, so it adds none)."""
     x, scale, bias, _, g = make_inputs(SHAPE, -1, 15)
     step = jax.jit(_vjp_fn(bn_y))
 
@@ -316,7 +316,7 @@ def test_private_copies_are_lowered_on_cpu_only():
         exported = jax.export.export(step, platforms=[platform])(x, scale, bias, g)
         return exported.mlir_module().count("stablehlo.optimization_barrier")
 
-    assert barriers("cpu") > barriers("cuda") == 1
+    assert barriers("cpu") > barriers("cuda") == 0
 
 
 def test_backward_memory_no_more_than_autodiff():

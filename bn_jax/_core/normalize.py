@@ -103,7 +103,7 @@ def _batch_normalize_jvp(cfg, primals, tangents):
     dx, dscale, dbias, _ = tangents
     y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
     inv = lax.rsqrt(var + cfg.epsilon)
-    dy, dmean, dvar = jax.checkpoint(partial(_tangent_map, cfg))(
+    dy, dmean, dvar = jax.checkpoint(partial(_tangent_map, cfg), prevent_cse=False)(
         x, mean, inv, count, scale, mask, dx, dscale, dbias
     )
     return (y, mean, var, count), (dy, dmean, dvar, jnp.zeros_like(count))
