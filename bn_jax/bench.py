@@ -464,9 +464,9 @@ def format_table(cases: Sequence[Case], libraries: Sequence[str]) -> str:
     for c in cases:
         bn = c.times_ms.get("bn_jax")
         row = [f"{c.shape_name} {c.dtype}", f"{c.mode}x{c.layers}", c.workload]
-        row += [_fmt(c.times_ms.get(n)) for n in libraries]
+        row += [_fmt_ms(c.times_ms.get(n)) for n in libraries]
         row += [_fmt(_ratio(bn, c.times_ms.get(n)), 2) for n in others]
-        row += [_fmt(c.floor_ms), _fmt(c.bound_ms), _fmt(_ratio(bn, c.floor_ms), 2)]
+        row += [_fmt_ms(c.floor_ms), _fmt_ms(c.bound_ms), _fmt(_ratio(bn, c.floor_ms), 2)]
         row += [_fmt(_ratio(bn, c.bound_ms), 2)]
         row += [_fmt(_ratio(c.times_ms.get(n), c.bound_ms), 2) for n in others]
         rows.append(row)
@@ -481,6 +481,11 @@ def format_table(cases: Sequence[Case], libraries: Sequence[str]) -> str:
             vals = [_fmt_mib(c.temp_bytes.get(n)) for n in libraries]
             lines.append(f"  {c.shape_name} {c.dtype} {c.mode}x{c.layers}: " + "  ".join(vals))
     return "\n".join(lines)
+
+
+def _fmt_ms(v: float | None) -> str:
+    """Milliseconds to three significant figures or one decimal, whichever is finer."""
+    return _fmt(v, 1 if v is None or v >= 10 else 2 if v >= 1 else 3)
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:

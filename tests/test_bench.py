@@ -84,3 +84,33 @@ def test_module_entry_point():
     cmd = [sys.executable, "-m", "bn_jax.bench", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
     assert "python -m bn_jax.bench" in out.stdout and "--json" in out.stdout
+
+
+def test_network_mode_materializes_each_layer_for_gpu():
+    """One barrier between each pair of layers, for every library and the floor,
+    in the program lowered for CUDA (where XLA would otherwise fuse the chain)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((8, 16))
+    layers = 3
+    for name in ("bn_jax", "flax"):
+        lib = bench._BUILDERS[name](x)
+        fn, n = bench._make_workload(lib, "fwd", "network", layers)
+        params, state = lib.init(x)
+        args = ([params] * n, [state] * n, x, x)
+        text = jax.export.export(fn, platforms=["cuda"])(*args).mlir_module()
+        assert text.count("stablehlo.optimization_barrier") == layers - 1, name
+    floor, n = bench._make_floor("network", layers)
+    a = jnp.ones((n, 16))
+    text = jax.export.export(floor, platforms=["cuda"])(a, a, x).mlir_module()
+    assert text.count("stablehlo.optimization_barrier") == layers - 1
+
+
+def test_milliseconds_keep_three_significant_figures():
+    assert [bench._fmt_ms(v) for v in (0.6604, 4.637, 95.43, None)] == [
+        "0.660",
+        "4.64",
+        "95.4",
+        "-",
+    ]
