@@ -1,4 +1,4 @@
-"""Benchmark bn_jax against flax.linen.BatchNorm (and Haiku / Equinox when installed).
+"""Benchmark bn_jax against flax.linen.BatchNorm (and Haiku / Equinox on request).
 
 Run ``python -m bn_jax.bench`` (``--help`` for options; ``--json`` for machines).
 
@@ -119,7 +119,7 @@ def _flax_library(x: jax.Array) -> Library:
     return Library("flax", init, apply)
 
 
-def _haiku_library(x: jax.Array) -> Library:  # pragma: no cover - optional
+def _haiku_library(x: jax.Array) -> Library:
     import haiku as hk
 
     def f(x, is_training):
@@ -137,7 +137,7 @@ def _haiku_library(x: jax.Array) -> Library:  # pragma: no cover - optional
     return Library("haiku", init, apply)
 
 
-def _equinox_library(x: jax.Array) -> Library:  # pragma: no cover - optional
+def _equinox_library(x: jax.Array) -> Library:
     import equinox as eqx
 
     # Equinox normalizes over vmapped axes: map every non-feature axis.
@@ -146,8 +146,15 @@ def _equinox_library(x: jax.Array) -> Library:  # pragma: no cover - optional
     static = {}
 
     def init(x):
+        # Equinox keeps its statistics in ``dtype`` and cannot mix it with the
+        # input's (bfloat16 input with float32 statistics raises): use the input's.
         bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-            input_size=x.shape[-1], axis_name=names, momentum=0.99, eps=1e-5
+            input_size=x.shape[-1],
+            axis_name=names,
+            momentum=0.99,
+            eps=1e-5,
+            dtype=x.dtype,
+            mode="ema",  # running averages, as the other libraries (its default, said)
         )
         params, static["module"] = eqx.partition(bn, eqx.is_inexact_array)
         return params, state
@@ -162,16 +169,20 @@ def _equinox_library(x: jax.Array) -> Library:  # pragma: no cover - optional
     return Library("equinox", init, apply)
 
 
+DEFAULT_LIBRARIES = ("bn_jax", "flax")
+
+
 def available_libraries(requested: Sequence[str] | None = None) -> list[str]:
-    """bn_jax and flax always; haiku and equinox when importable."""
-    names = ["bn_jax", "flax"]
+    """The libraries to time: ``requested`` (haiku and equinox when importable),
+    or bn_jax and flax when nothing is requested."""
+    names = list(DEFAULT_LIBRARIES)
     names += [m for m in ("haiku", "equinox") if importlib.util.find_spec(m) is not None]
-    if requested:
-        unknown = sorted(set(requested) - set(names))
-        if unknown:
-            raise SystemExit(f"unknown or unavailable libraries {unknown}; available: {names}")
-        names = [n for n in names if n in requested]
-    return names
+    if not requested:
+        return list(DEFAULT_LIBRARIES)
+    unknown = sorted(set(requested) - set(names))
+    if unknown:
+        raise SystemExit(f"unknown or unavailable libraries {unknown}; available: {names}")
+    return [n for n in names if n in requested]
 
 
 _BUILDERS = {
@@ -520,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m bn_jax.bench``."""
     p = argparse.ArgumentParser(
         prog="python -m bn_jax.bench",
-        description="Time bn_jax against flax.linen.BatchNorm (and Haiku/Equinox when "
-        "installed), with the elementwise floor and the bytes-moved bound.",
+        description="Time bn_jax against flax.linen.BatchNorm (and Haiku/Equinox on request), "
+        "with the elementwise floor and the bytes-moved bound.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document only")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per case (median)")
@@ -536,7 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mode", action="append", choices=MODES)
     p.add_argument("--workload", action="append", choices=WORKLOADS)
-    p.add_argument("--library", action="append", help="restrict to these libraries")
+    p.add_argument(
+        "--library",
+        action="append",
+        help="time these libraries (repeatable): bn_jax, flax, haiku, equinox; "
+        "default bn_jax and flax",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -114,3 +114,25 @@ def test_milliseconds_keep_three_significant_figures():
         "95.4",
         "-",
     ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("other", ["equinox", "haiku"])
+def test_optional_adapters_normalize_like_bn_jax(other, dtype):
+    """The benchmark's Equinox and Haiku adapters compute the same training-mode
+    BatchNorm (so their timings compare like with like), in bfloat16 too."""
+    pytest.importorskip(other)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 3, 3, 8))).astype(dtype)
+    outs = {}
+    for name in ("bn_jax", other):
+        lib = bench._BUILDERS[name](x)
+        params, state = lib.init(x)
+        y, _ = jax.jit(lambda p, s, x, lib=lib: lib.apply(p, s, x, True))(params, state, x)
+        assert y.shape == x.shape
+        outs[name] = np.asarray(y.astype(jnp.float32))
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(outs[other], outs["bn_jax"], rtol=tol, atol=tol)

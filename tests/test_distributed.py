@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import bn_jax
 from tests import reference as ref
+from tests.devices import require_devices
 
 N_DEV = 8
 PER_DEV = 4  # rows per device
@@ -34,8 +35,7 @@ EPS = 1e-5
 
 @pytest.fixture(scope="module")
 def mesh():
-    if len(jax.devices()) < N_DEV:
-        pytest.fail(f"needs {N_DEV} devices (tests/conftest.py sets fake CPU devices)")
+    require_devices(N_DEV)
     return jax.make_mesh((N_DEV,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -182,6 +182,7 @@ def test_pmap_and_vmap_match_single_device(data, transform):
         return y, new_state, (lax.psum(gp, "d"), gx)  # data-parallel gradient sum
 
     if transform == "pmap":
+        require_devices(N_DEV)
         f = jax.pmap(step, axis_name="d", in_axes=(None, None, 0, 0))
     else:
         f = jax.jit(jax.vmap(step, axis_name="d", in_axes=(None, None, 0, 0)))
@@ -238,6 +239,7 @@ def test_axis_index_groups_sync_within_groups(mesh, data, groups, transform):
 
 def test_tuple_axis_name_on_2d_mesh(data):
     """A batch sharded over two mesh axes syncs over both, still with one gather."""
+    require_devices(N_DEV)
     x, w, params, state = data
     mesh2 = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     norm = bn_jax.BatchNorm(axis_name=("data", "fsdp"), momentum=MOMENTUM, epsilon=EPS)

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import bn_jax
 from tests import reference as ref
+from tests.devices import require_devices
 
 
 def rand(shape, seed=0, loc=0.0, scale=1.0):
@@ -447,6 +448,7 @@ def test_ghost_is_batch_norm_per_chunk(use_mask, unbiased):
 )
 def test_cross_device_equals_single_device(cls, cfg, shape):
     """Batch split over 4 devices with axis_name == one device with the whole batch."""
+    require_devices(4)
     mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
     synced, single = cls(axis_name="d", **cfg), cls(**cfg)
     params, state = rand_affine(single, 3)
@@ -477,6 +479,7 @@ def test_cross_device_equals_single_device(cls, cfg, shape):
 )
 def test_sharded_reduction_axes_equal_single_device(norm):
     """axis_name for per-example norms: the *reduced* (spatial) axis is split over devices."""
+    require_devices(4)
     mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
     single = dataclasses.replace(norm, axis_name=None)
     params, _ = rand_affine(single, 4)

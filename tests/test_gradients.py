@@ -20,6 +20,7 @@ from jax.test_util import check_grads
 
 import bn_jax
 from bn_jax._core.normalize import StatsConfig, batch_normalize
+from tests.devices import cpu_only, require_devices
 
 EPS = 1e-5
 
@@ -288,6 +289,7 @@ def _hlo_passes(text: str, shape) -> tuple[int, int]:
     return reduces, len(big)
 
 
+@cpu_only
 def test_compiled_backward_is_two_reductions_and_one_elementwise_pass():
     """Optimized HLO of the pullback: 2 + 2 reductions and dx as the only full-size
     array written: x_hat (and x - shift) are recomputed inside the passes, not stored."""
@@ -299,6 +301,7 @@ def test_compiled_backward_is_two_reductions_and_one_elementwise_pass():
     assert reduces > 4 and big > 1  # what a regression to autodiff-of-forward looks like
 
 
+@cpu_only
 def test_compiled_training_forward_is_two_reductions_and_one_pass():
     x, scale, bias, _, _ = make_inputs(SHAPE, -1, 13)
     fwd = jax.jit(lambda x, s, b: bn_y(x, s, b, axis=-1))
@@ -329,10 +332,10 @@ def test_backward_memory_no_more_than_autodiff():
     assert temp(bn_y) <= temp(plain_bn)
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_shard_map_backward_one_all_reduce_and_correct():
     """Across devices: one all_gather forward, one all-reduce of 2C values backward,
     and the gradient of the whole global batch."""
+    require_devices(8)
     mesh = jax.make_mesh((8,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
     c = 6
     x, scale, bias, _, w = make_inputs((16, 3, c), -1, 15)

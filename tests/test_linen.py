@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import bn_jax
 from bn_jax import linen as bnn
+from tests.devices import require_devices
 
 FLAX_BN = functools.partial(nn.BatchNorm, use_fast_variance=False)
 OURS_BN = bnn.BatchNorm  # the one-import switch
@@ -271,6 +272,7 @@ def test_init_writes_no_statistics_and_runs_no_collective():
 
     # training then runs under shard_map with the collective: equals the core
     # there, and single-device BatchNorm on the whole batch
+    require_devices(8)
     mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
     core = bn_jax.BatchNorm(axis_name="d", momentum=0.5)
 
