@@ -61,6 +61,7 @@ import numpy as np
 from jax import lax
 
 import bn_jax
+from bn_jax._core.stats import private_copies
 
 DEFAULT_SHAPES = {"conv": (128, 32, 32, 64), "dense": (256, 1024)}
 DEFAULT_DTYPES = ("float32", "bfloat16")
@@ -255,6 +256,46 @@ def _make_floor(mode: str, layers: int):
     return jax.jit(floor), n_layers
 
 
+def _make_minimal(workload: str, mode: str, layers: int):
+    """The fewest passes over memory any training-mode BatchNorm can make, as a
+    plain program compiled by the same XLA: per layer, two per-channel sums and
+    one elementwise pass forward; for ``fwd+bwd`` also two sums and one
+    elementwise pass backward. Its arithmetic is a stand-in (the per-channel
+    factors are scaled sums), so it measures what this compiler and machine
+    allow, not a normalization. ``fn(x, w)`` jitted; ``None`` for eval, whose
+    fewest-pass program is the floor."""
+    if workload == "eval":
+        return None
+    n_layers = layers if mode == "network" else 1
+    f32 = jnp.float32
+
+    def sums(u, v):  # sum(u) and sum(u * v) per channel, accumulated in float32
+        axes = tuple(range(u.ndim - 1))
+        # each pass converts its own copy (else XLA:CPU writes one shared float32 copy)
+        u1, u2, v2 = private_copies((u, u, v))
+        return jnp.sum(u1.astype(f32), axes), jnp.sum(u2.astype(f32) * v2.astype(f32), axes)
+
+    def minimal(x, w):
+        inputs, stats, h = [], [], x
+        for i in range(n_layers):
+            h = _between_layers(h, i)
+            s1, s2 = sums(h, h)
+            inputs.append(h)
+            stats.append(s1 * 1e-6 + s2 * 1e-6)  # stands for the running statistics
+            h = (private_copies(h).astype(f32) * (s1 * 1e-6) + s2 * 1e-6).astype(x.dtype)
+        if workload == "fwd":
+            return h, stats
+        g = w
+        for i in reversed(range(n_layers)):  # dx needs the forward's statistics too
+            g0, g1 = sums(g, inputs[i])
+            gi, xi = private_copies((g, inputs[i]))
+            gf = gi.astype(f32) * (g0 * 1e-6) + xi.astype(f32) * (g1 * 1e-6)
+            g = _between_layers((gf + stats[i]).astype(x.dtype), i)
+        return g, stats
+
+    return jax.jit(minimal)
+
+
 def _time_interleaved(
     calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
 ) -> dict[str, list[float]]:
@@ -316,7 +357,8 @@ def measure_bandwidth(shape: tuple[int, ...], repeats: int, passes: int = 8) -> 
 
 @dataclasses.dataclass
 class Case:
-    """One measured benchmark case: times per library (ms) next to the floor and the bound."""
+    """One measured benchmark case: times per library (ms) next to the floor, the
+    bytes-moved bound and the fewest-pass program."""
 
     shape_name: str
     shape: tuple[int, ...]
@@ -328,6 +370,7 @@ class Case:
     floor_ms: float
     bound_ms: float
     temp_bytes: dict[str, int | None]
+    minimal_ms: float  # the fewest-pass program (the floor for eval)
 
 
 def run_case(
@@ -380,6 +423,9 @@ def run_case(
     a = jnp.ones((n, c), dt)
     b = jnp.zeros((n, c), dt)
     calls["floor"] = lambda: floor(a, b, x)
+    minimal = _make_minimal(workload, mode, layers)
+    if minimal is not None:
+        calls["minimal"] = lambda: minimal(x, w)
     t = _time_interleaved(calls, repeats)
     med = {k: 1e3 * statistics.median(v) for k, v in t.items()}
     bound = 1e3 * BYTES_UNITS[workload] * n * x.nbytes / bandwidth
@@ -390,10 +436,11 @@ def run_case(
         mode,
         workload,
         n,
-        {k: v for k, v in med.items() if k != "floor"},
+        {k: v for k, v in med.items() if k not in ("floor", "minimal")},
         med["floor"],
         bound,
         temp,
+        med.get("minimal", med["floor"]),
     )
 
 
@@ -415,14 +462,13 @@ def summarize_targets(cases: Sequence[Case]) -> list[dict[str, Any]]:
             continue
         bn = c.times_ms["bn_jax"]
         label = f"{c.shape_name} {c.dtype} {c.mode} {c.workload}"
-        checks = []
+        checks = []  # (target, reference time the ratio is taken to)
         if c.workload in ("fwd", "fwd+bwd") and "flax" in c.times_ms:
-            key = f"{c.workload}_vs_flax"
-            checks.append((key, _ratio(bn, c.times_ms["flax"])))
+            checks.append((f"{c.workload}_vs_flax", c.times_ms["flax"]))
         if c.workload == "fwd+bwd" and c.mode == "network":
-            checks.append(("network_fwd+bwd_vs_bound", _ratio(bn, c.bound_ms)))
+            checks.append(("network_fwd+bwd_vs_bound", c.bound_ms))
         if c.workload == "eval":
-            checks.append(("eval_vs_floor", _ratio(bn, c.floor_ms)))
+            checks.append(("eval_vs_floor", c.floor_ms))
         if c.workload == "fwd+bwd" and "flax" in c.temp_bytes:
             tb, tf = c.temp_bytes.get("bn_jax"), c.temp_bytes.get("flax")
             if tb is not None and tf is not None:
@@ -435,8 +481,8 @@ def summarize_targets(cases: Sequence[Case]) -> list[dict[str, Any]]:
                         "met": tb <= tf,
                     }
                 )
-        for key, value in checks:
-            limit = TARGETS[key]
+        for key, reference in checks:
+            limit, value = TARGETS[key], _ratio(bn, reference)
             out.append(
                 {
                     "case": label,
@@ -444,6 +490,9 @@ def summarize_targets(cases: Sequence[Case]) -> list[dict[str, Any]]:
                     "value": value,
                     "limit": limit,
                     "met": value is not None and value <= limit,
+                    # the same ratio for the fewest-pass program: the best any
+                    # library could measure here
+                    "fewest_passes": _ratio(c.minimal_ms, reference),
                 }
             )
     return out
@@ -469,7 +518,8 @@ def format_table(cases: Sequence[Case], libraries: Sequence[str]) -> str:
     head = ["case", "mode", "workload"]
     head += [f"{n} ms" for n in libraries]
     head += [f"bn_jax/{n}" for n in others]
-    head += ["floor ms", "bound ms", "bn_jax/floor", "bn_jax/bound"]
+    head += ["minimal ms", "floor ms", "bound ms", "bn_jax/minimal", "bn_jax/floor"]
+    head += ["bn_jax/bound"]
     head += [f"{n}/bound" for n in others]
     rows = [head]
     for c in cases:
@@ -477,7 +527,8 @@ def format_table(cases: Sequence[Case], libraries: Sequence[str]) -> str:
         row = [f"{c.shape_name} {c.dtype}", f"{c.mode}x{c.layers}", c.workload]
         row += [_fmt_ms(c.times_ms.get(n)) for n in libraries]
         row += [_fmt(_ratio(bn, c.times_ms.get(n)), 2) for n in others]
-        row += [_fmt_ms(c.floor_ms), _fmt_ms(c.bound_ms), _fmt(_ratio(bn, c.floor_ms), 2)]
+        row += [_fmt_ms(c.minimal_ms), _fmt_ms(c.floor_ms), _fmt_ms(c.bound_ms)]
+        row += [_fmt(_ratio(bn, c.minimal_ms), 2), _fmt(_ratio(bn, c.floor_ms), 2)]
         row += [_fmt(_ratio(bn, c.bound_ms), 2)]
         row += [_fmt(_ratio(c.times_ms.get(n), c.bound_ms), 2) for n in others]
         rows.append(row)
@@ -627,8 +678,11 @@ def _text_report(report: dict[str, Any], cases: Sequence[Case], libraries: Seque
     for t in report["targets"]:
         v = t["value"]
         shown = "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+        best = t.get("fewest_passes")
+        also = "" if best is None else f"; fewest-pass program {best:.3f}"
         lines.append(
-            f"  [{'met' if t['met'] else 'NOT met'}] {t['case']}: {t['target']} (measured {shown})"
+            f"  [{'met' if t['met'] else 'NOT met'}] {t['case']}: {t['target']} "
+            f"(measured {shown}{also})"
         )
     return "\n".join(lines)
 

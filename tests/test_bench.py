@@ -40,8 +40,10 @@ def test_json_report_structure(report):
         assert c["shape"] == [8, 16] and c["dtype"] == "float32"
         assert c["layers"] == (2 if c["mode"] == "network" else 1)
         assert set(c["times_ms"]) == set(libs)
-        for v in [*c["times_ms"].values(), c["floor_ms"], c["bound_ms"]]:
+        for v in [*c["times_ms"].values(), c["floor_ms"], c["bound_ms"], c["minimal_ms"]]:
             assert math.isfinite(v) and v > 0
+        if c["workload"] == "eval":  # the floor is eval's fewest-pass program
+            assert c["minimal_ms"] == c["floor_ms"]
         units = bench.BYTES_UNITS[c["workload"]] * c["layers"] * 8 * 16 * 4
         assert c["bound_ms"] == pytest.approx(1e3 * units / bw["bytes_per_s"])
         if c["workload"] == "fwd+bwd":
@@ -64,13 +66,16 @@ def test_targets_follow_the_issue(report):
         assert isinstance(t["met"], bool)
         if t["value"] is not None:
             assert t["met"] == (t["value"] <= t["limit"])
+        if not t["target"].startswith("temp_bytes"):
+            assert t["fewest_passes"] > 0
 
 
 def test_text_table(capsys):
     bench.run([*TINY, "--dtype", "bfloat16", "--mode", "single", "--workload", "eval"])
     out = capsys.readouterr().out
     assert "bandwidth:" in out
-    for col in ("bn_jax ms", "flax ms", "bn_jax/flax", "floor ms", "bound ms", "bn_jax/bound"):
+    cols = ("bn_jax ms", "flax ms", "bn_jax/flax", "minimal ms", "floor ms", "bound ms")
+    for col in (*cols, "bn_jax/minimal", "bn_jax/bound"):
         assert col in out
     assert "dense bfloat16" in out and "eval_vs_floor" in out
 
@@ -136,3 +141,24 @@ def test_optional_adapters_normalize_like_bn_jax(other, dtype):
         outs[name] = np.asarray(y.astype(jnp.float32))
     tol = 1e-5 if dtype == "float32" else 3e-2
     np.testing.assert_allclose(outs[other], outs["bn_jax"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("workload", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", ["single", "network"])
+def test_minimal_program_makes_the_fewest_passes(workload, mode):
+    """The fewest-pass reference: per layer 2 reductions forward (+2 backward) and
+    nothing else full-size written but each layer's output (and dx)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((64, 32))
+    fn = bench._make_minimal(workload, mode, layers=3)
+    layers = 3 if mode == "network" else 1
+    y, stats = fn(x, x)
+    assert y.shape == x.shape and y.dtype == x.dtype and len(stats) == layers
+    text = jax.jit(fn).lower(x, x).as_text()
+    per_layer = 2 if workload == "fwd" else 4
+    assert len(re.findall(r"stablehlo.reduce\b", text)) == per_layer * layers
+    assert bench._make_minimal("eval", mode, 3) is None

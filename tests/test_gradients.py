@@ -386,6 +386,72 @@ def test_backward_keeps_x_not_x_hat():
     assert sum(v.shape == shape for v in plain) > 1
 
 
+def _bn_vjp_float64(x, scale, g, eps=EPS):
+    """Float64 pullback of BatchNorm over all but the last axis: (dx, dscale, dbias)."""
+    x, scale, g = (np.asarray(v, np.float64) for v in (x, scale, g))
+    red = tuple(range(x.ndim - 1))
+    inv = 1.0 / np.sqrt(x.var(red) + eps)
+    x_hat = (x - x.mean(red)) * inv
+    dx = scale * inv * (g - g.mean(red) - x_hat * (g * x_hat).mean(red))
+    return dx, (g * x_hat).sum(red), g.sum(red)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_pullback_matches_float64(dtype):
+    """Low-precision input and cotangent: dx within the dtype's rounding, and the
+    parameter gradients (per-channel sums) to float32 accuracy: the cotangent is
+    converted exactly and summed in float32, never in the low precision."""
+    x, scale, bias, _, g = make_inputs((8, 6, 6, 16), -1, 21)
+    x, g = x.astype(dtype), g.astype(dtype)
+    y, pullback = jax.vjp(lambda x, s, b: bn_y(x, s, b, axis=-1), x, scale, bias)
+    assert y.dtype == jnp.dtype(dtype)
+    dx, dscale, dbias = jax.jit(pullback)(g)
+    assert dx.dtype == jnp.dtype(dtype) and dscale.dtype == jnp.float32
+    want_dx, want_dscale, want_dbias = _bn_vjp_float64(x.astype(jnp.float32), scale, g)
+    np.testing.assert_allclose(dbias, want_dbias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dscale, want_dscale, rtol=1e-5, atol=1e-4)
+    ulp = float(jnp.finfo(dtype).eps)
+    err = np.abs(np.asarray(dx, np.float64) - want_dx) / np.abs(want_dx).max()
+    assert err.max() < 2 * ulp, err.max()
+
+
+def test_low_precision_forward_mode_tangent_matches_float64():
+    """Forward mode in bfloat16 rounds the two full-size tangent terms before
+    adding them: still within a few bfloat16 ulps of the float64 tangent."""
+    x, scale, bias, _, dx = make_inputs((8, 6, 6, 16), -1, 22)
+    x, dx = x.astype(jnp.bfloat16), dx.astype(jnp.bfloat16)
+    f = lambda x: bn_y(x, scale, bias, axis=-1)
+    _, tangent = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))(x, dx)
+    # float64 by hand: the derivative of the normalization, applied to dx
+    xs, ts = np.asarray(x.astype(jnp.float32), np.float64), np.asarray(dx, np.float64)
+    red = (0, 1, 2)
+    inv = 1.0 / np.sqrt(xs.var(red) + EPS)
+    x_hat = (xs - xs.mean(red)) * inv
+    a = np.asarray(scale, np.float64) * inv
+    want = a * (ts - ts.mean(red) - x_hat * (ts * x_hat).mean(red))
+    err = np.abs(np.asarray(tangent, np.float64) - want) / np.abs(want).max()
+    assert err.max() < 4 * float(jnp.finfo(jnp.bfloat16).eps), err.max()
+
+
+@cpu_only
+def test_compiled_bf16_backward_writes_no_float32_copy():
+    """bfloat16: the pullback writes dx (bfloat16) and no full-size float32 array
+    (each pass converts the cotangent itself)."""
+    x, scale, bias, _, g = make_inputs(SHAPE, -1, 23)
+    x, g = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+    text = jax.jit(_vjp_fn(bn_y)).lower(x, scale, bias, g).compile().as_text()
+    entry = text.split("ENTRY", 1)[1]
+    dims = ",".join(map(str, SHAPE))
+    written = [
+        line.split(" = ", 1)[1].split("[", 1)[0]
+        for line in entry.splitlines()
+        if " = " in line
+        and re.match(rf"\s*[a-z0-9]+\[{dims}\]", line.split(" = ", 1)[1])
+        and "parameter(" not in line
+    ]
+    assert written == ["bf16"], written
+
+
 def test_bf16_gradients_close_to_float32():
     x, scale, bias, _, w = make_inputs((4, 4, 4, 8), -1, 17)
     loss = _loss(bn_y, -1, None, w)

@@ -132,12 +132,21 @@ def _tangent_map(cfg, x, mean, inv, count, scale, mask, dx, dscale, dbias):
     a = inv if scale is None else inv * scale.astype(dt)
     db = 0.0 if dbias is None else dbias.astype(dt)
     ds = 0.0 if dscale is None else dscale.astype(dt)
-    if _constant_along(a, cfg.axes):
-        # a, dscale, dbias are per statistics group: fold the corrections
-        # per channel so the transpose needs only sum(g) and sum(g * x_hat).
-        dy = a * dxf + (db - a * r0) + x_hat_c * (ds - a * r1)
-    else:  # scale varies inside a statistics group (GroupNorm, LayerNorm)
+    if not _constant_along(a, cfg.axes):  # scale varies inside a group (GroupNorm, LayerNorm)
         dy = a * (dxf - r0 - x_hat_c * r1) + x_hat_c * ds + db
+        return dy.astype(cfg.out_dtype), r0, 2.0 * r1 / inv
+    # a, dscale, dbias are per statistics group: fold the corrections per
+    # channel so the transpose needs only sum(g) and sum(g * x_hat).
+    full, per_channel = (a * dxf, x_hat_c * (ds - a * r1)), db - a * r0
+    if jnp.dtype(cfg.out_dtype) != jnp.dtype(dt):
+        # Low-precision output: round the two full-size terms to it, each
+        # through a private copy. Reverse mode then converts the incoming
+        # cotangent to float32 inside each pass that reads it (exactly: it
+        # came from that dtype), instead of sharing one float32 copy that
+        # XLA:CPU would write to memory. Forward mode rounds twice more.
+        rounded = private_copies(tuple(t.astype(cfg.out_dtype) for t in full))
+        full = tuple(t.astype(dt) for t in rounded)
+    dy = full[0] + per_channel + full[1]
     return dy.astype(cfg.out_dtype), r0, 2.0 * r1 / inv
 
 
