@@ -2,8 +2,8 @@
 
 Run ``python -m bn_jax.bench`` (``--help`` for options; ``--json`` for machines).
 
-BatchNorm is memory-bound, so every time is reported next to two physical
-references measured in the same process:
+BatchNorm is memory-bound, so every time is reported next to three references
+measured in the same process:
 
 * the **elementwise floor**: ``y = x * a + b`` with per-channel ``a``, ``b``
   (one read and one write of ``x``), the least any normalization can cost;
@@ -14,7 +14,10 @@ references measured in the same process:
   forward reads ``x`` twice (the statistics, then the normalization) and
   writes ``y``; a backward reads ``x`` and ``dy`` twice (the two per-channel
   sums, then ``dx``) and writes ``dx``; an eval forward reads ``x`` and writes
-  ``y``.
+  ``y``;
+* the **fewest-pass program** (``minimal``): a plain program making exactly the
+  passes a fused BatchNorm needs, compiled by the same XLA (see
+  :func:`_make_minimal`): what this compiler and machine allow any library.
 
 Each workload runs in two modes: a **single** jitted call of one layer, and
 **network**, ``--layers`` layers chained inside one jitted program, as in a
