@@ -158,7 +158,7 @@ def _equinox_library(x: jax.Array) -> Library:
             momentum=0.99,
             eps=1e-5,
             dtype=x.dtype,
-            mode="ema",  # running averages, as the other libraries (its default, said)
+            mode="ema",  # running averages like the others (its default, which warns if unsaid)
         )
         params, static["module"] = eqx.partition(bn, eqx.is_inexact_array)
         return params, state
