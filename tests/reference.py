@@ -51,6 +51,17 @@ def _scale_shift(y, scale, bias, fa):
     return y
 
 
+def bn_train_vjp(x, scale, g, eps=1e-5):
+    """Pullback of training-mode BatchNorm over all but the last axis, float64:
+    ``(dx, dscale, dbias)`` for the cotangent ``g``."""
+    x, scale, g = (np.asarray(v, np.float64) for v in (x, scale, g))
+    red = tuple(range(x.ndim - 1))
+    inv = 1.0 / np.sqrt(x.var(red) + eps)
+    x_hat = (x - x.mean(red)) * inv
+    dx = scale * inv * (g - g.mean(red) - x_hat * (g * x_hat).mean(red))
+    return dx, (g * x_hat).sum(red), g.sum(red)
+
+
 def ema(old, new, momentum):
     return momentum * np.asarray(old, np.float64) + (1 - momentum) * np.asarray(new, np.float64)
 
