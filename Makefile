@@ -1,12 +1,13 @@
 # Two commands on a fresh machine with python3 and make:
 #   make demo   # create .venv, install with the example extras, run the main example
-#   make test   # create .venv, install with the test extras, run ruff and the whole test suite
+#   make test   # create .venv, install with the test and docs extras, run ruff, build the docs, run the tests
+#   make docs   # build the documentation site into docs/_build/html, warnings as errors
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test docs lint format bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,7 @@ $(VENV)/bin/python:
 
 # Reinstall only when pyproject.toml changes: both commands are idempotent.
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[test,examples]'
+	$(PY) -m pip install -q -e '.[test,docs,examples]'
 	touch $@
 
 $(VENV)/.installed-examples: pyproject.toml | $(VENV)/bin/python
@@ -32,11 +33,16 @@ format: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check --fix bn_jax tests examples
 	$(VENV)/bin/ruff format bn_jax tests examples
 
-test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Pages' code cells are executed; notebooks keep their stored outputs.
+docs: $(VENV)/.installed-test
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+# The browser test opens the site built by `docs`; it must run here, not skip.
+test: lint docs
+	BN_JAX_REQUIRE_BROWSER=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
 	$(PY) -m bn_jax.bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis docs/_build dist build
