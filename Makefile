@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test docs lint format bench clean
+.PHONY: demo test docs lint format bench wheel-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ docs: $(VENV)/.installed-test
 # The browser test opens the site built by `docs`; it must run here, not skip.
 test: lint docs
 	BN_JAX_REQUIRE_BROWSER=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# Build the sdist and wheel, install the wheel into a fresh virtualenv, and run
+# the README's quickstart there, outside the checkout.
+WHEEL_CHECK ?= build/wheel-check
+wheel-check: $(VENV)/.installed-test
+	rm -rf dist $(WHEEL_CHECK)
+	$(PY) -m build -q --sdist --wheel --outdir dist . >/dev/null
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/python -m pip install -q dist/bn_jax-*.whl
+	$(PY) .ci/readme_block.py Quickstart > $(WHEEL_CHECK)/quickstart.py
+	cd $(WHEEL_CHECK) && venv/bin/python -c "import bn_jax; print('bn_jax', bn_jax.__version__, bn_jax.__file__)"
+	cd $(WHEEL_CHECK) && venv/bin/python quickstart.py
 
 bench: $(VENV)/.installed-test
 	$(PY) -m bn_jax.bench

@@ -53,7 +53,9 @@ autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "undoc-members": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+napoleon_use_ivar = True  # an "Attributes:" section is a field list, not a second entry
 
 html_theme = "furo"
 html_title = f"bn_jax {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"
