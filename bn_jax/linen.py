@@ -60,6 +60,7 @@ import jax.numpy as jnp
 
 import bn_jax
 from bn_jax._core import checks
+from bn_jax._linen_tools import fold, recalibrate
 from bn_jax.norms._common import Initializer
 
 __all__ = [
@@ -71,6 +72,8 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "SequenceBatchNorm",
+    "fold",
+    "recalibrate",
     "wrap",
 ]
 

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import bn_jax
+from bn_jax._nnx_tools import fold, recalibrate
 from bn_jax.linen import _plain_initializers, _stateless_error
 from bn_jax.norms._common import Initializer
 
@@ -59,6 +60,8 @@ __all__ = [
     "Norm",
     "RMSNorm",
     "SequenceBatchNorm",
+    "fold",
+    "recalibrate",
     "wrap",
 ]
 

@@ -1,0 +1,330 @@
+"""Whole-model recalibration and folding for ``flax.nnx`` models.
+
+The BatchNorm (``isinstance(m, flax.nnx.BatchNorm)``: Flax's layer and
+bn_jax's drop-ins), Linear and Conv layers are found with
+``nnx.iter_modules``; their calls are observed by wrapping ``__call__`` of
+their classes for the duration of one trace (calls of other instances pass
+straight through), the technique ``nnx.capture`` uses. The model's code is not
+touched. Exposed as ``bn_jax.nnx.recalibrate`` and ``bn_jax.nnx.fold``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+from bn_jax._model_tools import (
+    Path,
+    Recorder,
+    check_stats_shape,
+    feature_moments,
+    foldable_pairs,
+    path_str,
+    pool_passes,
+)
+from bn_jax.inference import fold_into_conv, fold_into_dense
+
+__all__ = ["FoldedBatchNorm", "fold", "recalibrate"]
+
+_LAYERS = (nnx.Linear, nnx.Conv)
+
+
+def recalibrate(
+    model: nnx.Module,
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
+    *,
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
+    passes: int = 1,
+    progress: bool = True,
+    total: int | None = None,
+) -> None:
+    r"""Recomputes every BatchNorm's ``mean`` and ``var`` in place as exact population statistics.
+
+    The nnx counterpart of PyTorch's ``torch.optim.swa_utils.update_bn(loader,
+    model)``: the model runs on every batch, the input of each BatchNorm is
+    captured, and its ``mean`` / ``var`` become, per feature over all batches
+    and all calls of the layer::
+
+        mean = sum(x) / n,   var = sum((x - mean)**2) / n    # n: all valid elements
+
+    pooled exactly (count-weighted, not an EMA, not an average of per-batch
+    variances); the BatchNorm's ``mask`` argument is honoured.
+
+    The batches run on a functional copy of the model under ``jax.jit``, so
+    the running statistics a training-mode call would write and the model's
+    random state are not changed; only the recalibrated ``mean`` and ``var``
+    are written back, once all passes are done. The copy's random state
+    advances from batch to batch (dropout draws new masks).
+
+    What the layers see is what ``forward`` does: in training mode
+    (``model.train()`` before, or ``use_running_average=False`` at the call)
+    each BatchNorm normalizes with its batch's statistics, PyTorch's
+    ``update_bn`` / "precise BN" in one pass. In evaluation mode with ``passes``
+    set to the BatchNorm depth of the network the result is exactly the
+    statistics the evaluation-mode model sees (each pass runs with the last
+    pass's statistics, and pass ``k`` settles the layers at depth ``k``).
+
+    Args:
+      model: the nnx module; updated in place.
+      batches: an iterable of batches, or a callable returning a fresh one
+        (needed when ``passes > 1`` and the batches come from a generator).
+      forward: ``forward(model, batch)`` runs the model on one batch; it is
+        jitted and its output is ignored. Default: ``model(batch)``.
+      passes: passes over ``batches``, each with the statistics of the last.
+      progress: show a tqdm progress bar (when tqdm is installed).
+      total: the number of batches, for the progress bar.
+
+    Raises:
+      ValueError: no batches, no BatchNorm called, ``passes`` < 1, a one-shot
+        iterator with ``passes > 1``, a BatchNorm whose statistics are not one
+        per feature. The model is unchanged when it raises.
+
+    With batch-sharded global arrays under ``jit`` nothing more is needed for
+    several devices. BatchNorms inside ``nnx.scan`` / ``nnx.vmap`` are not
+    supported.
+
+    Example::
+
+        model.train()
+        bn_jax.nnx.recalibrate(model, train_images)
+        model.eval()
+    """
+    if forward is None:
+
+        def forward(m, batch):
+            return m(batch)
+
+    norms = {
+        _key(path): module
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, nnx.BatchNorm)
+    }
+    graphdef, rngs, rest = nnx.split(model, nnx.RngState, ...)
+
+    @jax.jit
+    def moments(rngs, rest, stats, batch):
+        m = nnx.merge(graphdef, rngs, rest)
+        targets = {}
+        for path, module in nnx.iter_modules(m):
+            key = _key(path)
+            if key in stats:
+                module.mean[...] = stats[key]["mean"]
+                module.var[...] = stats[key]["var"]
+                targets[id(module)] = (key, module)
+        calls: dict[Path, list] = {}
+
+        def tap(module, key, call, args, kwargs):
+            calls.setdefault(key, []).append((args[0], kwargs.get("mask")))
+            return call(*args, **kwargs)
+
+        with _calls_of(targets, tap):
+            forward(m, batch)
+        out = {}
+        for key, c in calls.items():
+            out[key] = feature_moments(c, norms[key].axis, key)
+            check_stats_shape(stats[key], out[key], key)
+        return out, nnx.state(m, nnx.RngState)
+
+    def step(carry, batch):
+        rngs, stats = carry
+        out, rngs = moments(rngs, rest, stats, batch)
+        return out, (rngs, stats)
+
+    def write(carry, new):
+        rngs, stats = carry
+        return rngs, {**stats, **new}
+
+    stats = {key: {"mean": m.mean[...], "var": m.var[...]} for key, m in norms.items()}
+    _, stats = pool_passes(
+        step,
+        (rngs, stats),
+        batches,
+        old_stats=lambda carry, keys: {k: carry[1][k] for k in keys},
+        write=write,
+        passes=passes,
+        progress=progress,
+        total=total,
+    )
+    for key, module in norms.items():
+        module.mean[...] = stats[key]["mean"]
+        module.var[...] = stats[key]["var"]
+
+
+class FoldedBatchNorm(nnx.Module):
+    """Stands in for a BatchNorm that :func:`fold` merged into the layer before it.
+
+    Returns its input cast to the BatchNorm's output dtype. Evaluation only: it
+    keeps ``use_running_average`` (so ``model.train()`` / ``model.eval()`` reach
+    it) and raises when a call would run in training mode.
+    """
+
+    def __init__(self, dtype: str, use_running_average: bool = True) -> None:
+        self.dtype = dtype
+        self.use_running_average = use_running_average
+
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None
+    ) -> jax.Array:
+        if not (self.use_running_average if use_running_average is None else use_running_average):
+            raise ValueError(
+                "FoldedBatchNorm: this BatchNorm was folded into the layer before it for "
+                "evaluation and cannot run in training mode (use_running_average=False); "
+                "train the unfolded model, or call model.eval()."
+            )
+        return x.astype(self.dtype)
+
+
+def fold(model: nnx.Module, *args: Any, **kwargs: Any) -> nnx.Module:
+    r"""Returns a copy of ``model`` with every BatchNorm that follows a Linear/Conv folded.
+
+    The model is traced once as ``model(*args, **kwargs)`` (abstractly:
+    nothing is computed) and must run in evaluation mode (``model.eval()``).
+    A ``(layer, BatchNorm)`` pair is folded when the layer is an
+    ``nnx.Linear`` or ``nnx.Conv`` (or a subclass), the BatchNorm's input is
+    that layer's output and nothing else reads that output, every call of the
+    layer feeds that BatchNorm and every call of the BatchNorm comes from that
+    layer, and the BatchNorm normalizes the last axis without a mask. In the
+    copy the layer's ``kernel`` becomes ``kernel * f`` and its ``bias``
+    ``(bias - mean) * f + beta`` with ``f = scale / sqrt(var + epsilon)`` (a
+    bias is added where it had none), and the BatchNorm is replaced by a
+    :class:`FoldedBatchNorm`, which returns its input. Not folded (left as they
+    are): a BatchNorm after anything else (an activation, an add, a pooling,
+    ``LinearGeneral``, ``Einsum``), a layer whose output is also used
+    elsewhere, channels-first BatchNorms, masked calls.
+
+    Args:
+      model: the nnx module; not modified.
+      *args: the arguments of one evaluation call, e.g. an example batch.
+      **kwargs: its keyword arguments.
+
+    Returns:
+      The folded copy: ``fold(model, x)(y)`` equals ``model(y)`` to float
+      rounding for any input ``y`` the model accepts.
+
+    Raises:
+      ValueError: a BatchNorm ran in training mode during the trace.
+
+    Example::
+
+        model.eval()
+        folded = bn_jax.nnx.fold(model, x)
+    """
+    graphdef, state = nnx.split(model)
+    recorder = Recorder()
+
+    def tap(module, path, call, args, kwargs):
+        if isinstance(module, nnx.BatchNorm):
+            if not _use_running_average(module, args, kwargs):
+                raise ValueError(
+                    f"fold: BatchNorm {path_str(path)!r} ran in training mode; call "
+                    f"model.eval() before fold."
+                )
+            x, record = recorder.norm_input(
+                path, module, args[0], _norm_problem(module, args, kwargs)
+            )
+            y = call(x, *args[1:], **kwargs)
+            record.out_dtype = y.dtype
+            return y
+        return recorder.layer_output(path, module, call(*args, **kwargs), None)
+
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        targets = {
+            id(module): (path, module)
+            for path, module in nnx.iter_modules(m)
+            if isinstance(module, (nnx.BatchNorm, *_LAYERS))
+        }
+        with _calls_of(targets, tap):
+            return m(*args, **kwargs)
+
+    pairs = foldable_pairs(jax.make_jaxpr(run)(state).jaxpr, recorder.calls)
+    folded = nnx.clone(model)
+    modules = dict(nnx.iter_modules(folded))
+    replaced = {}
+    for layer_call, norm_call in pairs:
+        layer, norm = modules[layer_call.path], modules[norm_call.path]
+        fold_fn = fold_into_dense if isinstance(layer, nnx.Linear) else fold_into_conv
+        kernel, bias = fold_fn(
+            layer.kernel[...],
+            None if layer.bias is None else layer.bias[...],
+            {
+                name: getattr(norm, name)[...]
+                for name in ("scale", "bias")
+                if getattr(norm, name) is not None
+            },
+            {"mean": norm.mean[...], "var": norm.var[...]},
+            epsilon=norm.epsilon,
+        )
+        layer.kernel[...] = kernel
+        if layer.bias is None:
+            layer.bias = nnx.Param(bias)
+            layer.use_bias = True
+        else:
+            layer.bias[...] = bias
+        replaced[norm_call.path] = FoldedBatchNorm(str(norm_call.out_dtype))
+    return nnx.recursive_map(lambda path, node: replaced.get(path, node), folded)
+
+
+@contextlib.contextmanager
+def _calls_of(targets: Mapping[int, tuple[Any, nnx.Module]], tap: Callable) -> Iterator[None]:
+    """Routes calls of the ``targets`` instances (by id) through ``tap`` while active.
+
+    ``tap(module, info, call, args, kwargs)`` gets the bound original ``__call__``
+    as ``call``. Each class is wrapped once, with the ``__call__`` it resolved
+    before any wrapping, and a call made while the same instance is already in
+    ``tap`` (a subclass calling ``super().__call__``) goes straight through.
+    """
+    classes = {type(module) for _, module in targets.values()}
+    originals = {cls: cls.__call__ for cls in classes}
+    own = {cls: cls.__dict__.get("__call__") for cls in classes}
+    active: set[int] = set()
+
+    def wrap(original):
+        def __call__(self, *args, **kwargs):
+            if id(self) not in targets or id(self) in active:
+                return original(self, *args, **kwargs)
+            active.add(id(self))
+            try:
+                info, _ = targets[id(self)]
+                return tap(self, info, lambda *a, **k: original(self, *a, **k), args, kwargs)
+            finally:
+                active.discard(id(self))
+
+        return __call__
+
+    try:
+        for cls, original in originals.items():
+            cls.__call__ = wrap(original)
+        yield
+    finally:
+        for cls in classes:
+            if own[cls] is None:
+                del cls.__call__
+            else:
+                cls.__call__ = own[cls]
+
+
+def _key(path: Path) -> tuple[str, ...]:
+    return tuple(str(p) for p in path)
+
+
+def _use_running_average(module: nnx.BatchNorm, args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    """The mode of a BatchNorm call: the call argument, else the attribute (as Flax decides)."""
+    at_call = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    return bool(module.use_running_average if at_call is None else at_call)
+
+
+def _norm_problem(module: nnx.BatchNorm, args: tuple, kwargs: Mapping[str, Any]) -> str | None:
+    x = args[0]
+    if kwargs.get("mask") is not None:
+        return "masked"
+    axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    if tuple(a % x.ndim for a in axes) != (x.ndim - 1,):
+        return "feature axes are not the last axis"
+    if tuple(module.mean.shape) != (x.shape[-1],):
+        return "not one statistic per feature"
+    return None
