@@ -265,7 +265,7 @@ def fold(
             return y
         if isinstance(module, _LAYERS):
             y = _reentrant(active, path, next_fun, args, kwargs)
-            return recorder.layer_output(path, module, y, None)
+            return recorder.layer_output(path, module, y)
         return next_fun(*args, **kwargs)
 
     def run(v):

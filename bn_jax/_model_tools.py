@@ -140,8 +140,8 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[Call] = []
 
-    def layer_output(self, path: Path, module: Any, y: jax.Array, problem: str | None) -> jax.Array:
-        call = Call("layer", path, module, f"bn_jax.fold:{len(self.calls)}", problem)
+    def layer_output(self, path: Path, module: Any, y: jax.Array) -> jax.Array:
+        call = Call("layer", path, module, f"bn_jax.fold:{len(self.calls)}")
         self.calls.append(call)
         return checkpoint_name(y, call.marker)
 
@@ -164,14 +164,14 @@ def _jaxprs(jaxpr: jcore.Jaxpr) -> Iterator[jcore.Jaxpr]:
                     yield from _jaxprs(p)
 
 
-def _links(jaxpr: jcore.Jaxpr) -> dict[str, str]:
+def _links(jaxpr: jcore.Jaxpr, layer_markers: set[str]) -> dict[str, str]:
     """``{norm marker: layer marker}`` where the norm's input is the layer's output only."""
     links = {}
     for j in _jaxprs(jaxpr):
         uses = Counter(v for e in j.eqns for v in e.invars if isinstance(v, jcore.Var))
         uses.update(v for v in j.outvars if isinstance(v, jcore.Var))
         marks = [e for e in j.eqns if e.primitive.name == "name"]
-        made = {e.outvars[0]: e.params["name"] for e in marks}
+        made = {e.outvars[0]: e.params["name"] for e in marks if e.params["name"] in layer_markers}
         for e in marks:
             src = e.invars[0]
             if isinstance(src, jcore.Var) and src in made and uses[src] == 1:
@@ -187,7 +187,7 @@ def foldable_pairs(jaxpr: jcore.Jaxpr, calls: Sequence[Call]) -> list[tuple[Call
     such an output: folding rewrites the layer's weights for all its uses.
     """
     by_marker = {c.marker: c for c in calls}
-    links = _links(jaxpr)
+    links = _links(jaxpr, {c.marker for c in calls if c.kind == "layer"})
     layers: dict[Path, list[Call]] = {}
     norms: dict[Path, list[Call]] = {}
     for c in calls:
@@ -202,8 +202,6 @@ def foldable_pairs(jaxpr: jcore.Jaxpr, calls: Sequence[Call]) -> list[tuple[Call
         if len(layer_paths) != 1:
             continue
         layer_calls = layers[layer_paths.pop()]
-        if any(c.problem for c in layer_calls):
-            continue
         if all(norm_of_layer.get(c.marker) == path for c in layer_calls):
             pairs.append((layer_calls[0], norm_calls[0]))
     return pairs

@@ -229,7 +229,7 @@ def fold(model: nnx.Module, *args: Any, **kwargs: Any) -> nnx.Module:
             y = call(x, *args[1:], **kwargs)
             record.out_dtype = y.dtype
             return y
-        return recorder.layer_output(path, module, call(*args, **kwargs), None)
+        return recorder.layer_output(path, module, call(*args, **kwargs))
 
     def run(state):
         m = nnx.merge(graphdef, state)
