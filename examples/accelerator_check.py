@@ -18,6 +18,27 @@ import argparse
 import json
 import pathlib
 
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """This script's options, and the rest (passed on to ``python -m bn_jax.bench``)."""
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Other options go to the benchmark: see python -m bn_jax.bench --help.",
+    )
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("outputs/accelerator"),
+        help="folder for numerics.json and bench.json (default: %(default)s)",
+    )
+    p.add_argument("--skip-bench", action="store_true", help="run the numerics only")
+    return p.parse_known_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and rejects bad arguments before JAX is imported
+
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -124,11 +145,8 @@ def format_numerics(rows: list[dict]) -> str:
 # 2. Benchmark.
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/accelerator"))
-    p.add_argument("--skip-bench", action="store_true")
-    args, bench_args = p.parse_known_args()
+def main(argv: list[str] | None = None) -> None:
+    args, bench_args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(bench.machine_info()), flush=True)
 

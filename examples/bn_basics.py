@@ -12,6 +12,20 @@ from __future__ import annotations
 
 import argparse
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="training-mode batches to stream")
+    parser.add_argument("--batch", type=int, default=32, help="batch size")
+    parser.add_argument("--momentum", type=float, default=0.9, help="Flax-convention momentum")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the batch order")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and rejects bad arguments before JAX is imported
+
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,13 +33,8 @@ import numpy as np
 import bn_jax
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="training-mode batches to stream")
-    parser.add_argument("--batch", type=int, default=32, help="batch size")
-    parser.add_argument("--momentum", type=float, default=0.9, help="Flax-convention momentum")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     try:
         from sklearn.datasets import load_digits

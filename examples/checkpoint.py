@@ -13,8 +13,21 @@ Run: python examples/checkpoint.py
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="training steps before saving")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the init")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and rejects bad arguments before JAX is imported
+
 
 import jax
 import jax.numpy as jnp
@@ -62,18 +75,19 @@ def same_bits(a, b):
     )
 
 
-def main():
-    rng = np.random.default_rng(0)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
     x = rng.normal(2.0, 3.0, size=(64, 8)).astype(np.float32)
     y = np.sin(x.sum(-1)).astype(np.float32)
     params, state = init(rng)
     opt_state = tx.init(params)
-    for _ in range(5):
+    for _ in range(args.steps):
         params, state, opt_state, _ = step(params, state, opt_state, x, y)
     tree = {"params": params, "state": state, "opt_state": opt_state}
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "step_5"
+        path = Path(tmp) / f"step_{args.steps}"
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(path, tree)
             ckpt.wait_until_finished()
@@ -81,7 +95,7 @@ def main():
             target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
             restored = ckpt.restore(path, target)
 
-    print("bn state after 5 steps: count", np.asarray(state["bn"]["count"][:4]), "...")
+    print(f"bn state after {args.steps} steps: count", np.asarray(state["bn"]["count"][:4]), "...")
     if not same_bits(restored, tree):
         raise SystemExit("restored checkpoint differs from the saved one")
     print("restored params, BatchNorm state and optimizer state: bit for bit equal")

@@ -22,6 +22,22 @@ import os
 import time
 from functools import partial
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100, help="training steps")
+    parser.add_argument("--per-device-batch", type=int, default=32, help="rows per device")
+    parser.add_argument("--hidden", type=int, default=64, help="width of the hidden layer")
+    parser.add_argument(
+        "--cpu-devices", type=int, default=8, help="fake CPU devices when running on the CPU"
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and rejects bad arguments before JAX is imported
+
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,12 +144,7 @@ def check_against_one_device(mesh, params, state, x, labels):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--per-device-batch", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--cpu-devices", type=int, default=8, help="fake CPU devices")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     use_fake_cpu_devices(args.cpu_devices)
     devices = jax.devices()

@@ -18,6 +18,23 @@ Run: python examples/finetune_frozen.py  (a few seconds on a CPU)
 
 from __future__ import annotations
 
+import argparse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, domains and init")
+    parser.add_argument("--epochs", type=int, default=4, help="source-domain training epochs")
+    parser.add_argument(
+        "--finetune-steps", type=int, default=50, help="frozen-BatchNorm fine-tuning steps"
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and rejects bad arguments before JAX is imported
+
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,8 +101,9 @@ def accuracy(params, state, x, y):
     return jnp.mean(jnp.argmax(logits, -1) == y)
 
 
-def main():
-    rng = np.random.default_rng(0)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
     teacher = rng.normal(size=(SIZES[0], 3))
     xs, ys = make_data(rng, 2048, teacher)
     # The target "sensor" has per-feature gains and offsets.
@@ -98,7 +116,7 @@ def main():
     params, state = init(rng)
     tx = optax.adam(3e-3)
     step, opt_state = make_step(tx, training=True), tx.init(params)
-    for _ in range(4):
+    for _ in range(args.epochs):
         for i in range(0, len(xs), 128):
             params, state, opt_state, _ = step(
                 params, state, opt_state, xs[i : i + 128], ys[i : i + 128]
@@ -125,7 +143,7 @@ def main():
     tx = optax.multi_transform({"train": optax.adamw(3e-3), "frozen": optax.set_to_zero()}, labels)
     step, opt_state = make_step(tx, training=False), tx.init(params)
     before_params, before_state = params, state
-    for _ in range(50):
+    for _ in range(args.finetune_steps):
         params, state, opt_state, _ = step(params, state, opt_state, xt_train, yt_train)
     for name in BN_LAYERS:
         for tree, old in ((params[name], before_params[name]), (state[name], before_state[name])):

@@ -21,6 +21,19 @@ import sys
 import time
 from functools import partial
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="Adam steps")
+    parser.add_argument("--batch", type=int, default=32, help="batch size")
+    parser.add_argument("--flax", action="store_true", help="use flax.linen.BatchNorm instead")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and rejects bad arguments before JAX is imported
+
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,12 +86,8 @@ def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), labels
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--flax", action="store_true", help="use flax.linen.BatchNorm")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     model = ResNet()
     x_train, y_train = make_data(args.steps * args.batch, seed=1)

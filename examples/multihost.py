@@ -42,14 +42,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="launch N processes of this script on 127.0.0.1 (CPU, gloo) and wait for them",
     )
-    parser.add_argument("--cpu-devices-per-process", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds, with --local-...")
+    parser.add_argument(
+        "--cpu-devices-per-process", type=int, default=2, help="with --local-processes"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds, with --local-processes"
+    )
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (default: auto-detect)")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--per-device-batch", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--num-processes", type=int, help="processes in all (default: auto-detect)")
+    parser.add_argument(
+        "--process-id", type=int, help="this process's index (default: auto-detect)"
+    )
+    parser.add_argument("--steps", type=int, default=50, help="training steps")
+    parser.add_argument("--per-device-batch", type=int, default=32, help="rows per device")
+    parser.add_argument("--hidden", type=int, default=64, help="width of the hidden layer")
     return parser.parse_args(argv)
 
 

@@ -15,6 +15,19 @@ import argparse
 import itertools
 import time
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for init, split and batches")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and rejects bad arguments before JAX is imported
+
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,11 +70,7 @@ def accuracy(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for init, split and batches")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)

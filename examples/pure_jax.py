@@ -17,6 +17,20 @@ from __future__ import annotations
 import argparse
 import time
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for init, split and batches")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and rejects bad arguments before JAX is imported
+
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,12 +100,7 @@ def accuracy(params, state, x, y):
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for init, split and batches")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     (x_train, y_train), (x_test, y_test) = load(args.seed)
     params, state = init(jax.random.key(args.seed))

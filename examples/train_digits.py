@@ -41,6 +41,58 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+VARIANTS = ("none", "BatchNorm", "GroupNorm", "BatchRenorm")
+DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
+TARGET = 0.95
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0]
+        + " Trains one CNN per normalization variant on a shared learning-rate grid and "
+        "prints a comparison table; saves a plot of the training curves.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--steps", type=int, default=800, help="training steps per run")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="examples per batch (small on purpose)"
+    )
+    p.add_argument(
+        "--lrs",
+        type=lambda s: tuple(float(v) for v in s.split(",")),
+        default=DEFAULT_LRS,
+        help="comma-separated learning-rate grid, the same for every variant",
+    )
+    p.add_argument(
+        "--variants",
+        type=lambda s: tuple(s.split(",")),
+        default=VARIANTS,
+        help=f"comma-separated subset of {','.join(VARIANTS)}",
+    )
+    p.add_argument("--eval-every", type=int, default=50, help="steps between test evaluations")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, init and batch order")
+    p.add_argument(
+        "--out", type=pathlib.Path, default=ROOT / "outputs" / "train_digits.png", help="plot path"
+    )
+    p.add_argument(
+        "--copy-to-docs",
+        action="store_true",
+        help="also copy the plot to docs/img/train_digits.png (the docs' figure)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = p.parse_args(argv)
+    for v in args.variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown variant {v!r}; choose from {','.join(VARIANTS)}")
+    if args.steps < 1 or args.eval_every < 1 or args.batch_size < 2:
+        p.error("--steps and --eval-every must be >= 1 and --batch-size >= 2")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])  # answers --help and rejects bad arguments before JAX is imported
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,11 +102,6 @@ from sklearn.datasets import load_digits
 from tqdm.auto import tqdm
 
 from bn_jax import linen as bnn
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-VARIANTS = ("none", "BatchNorm", "GroupNorm", "BatchRenorm")
-DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
-TARGET = 0.95
 
 
 @functools.cache
@@ -278,49 +325,6 @@ def plot(results: dict[str, dict[str, Any]], lrs: Sequence[float], path: pathlib
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " Trains one CNN per normalization variant on a shared learning-rate grid and "
-        "prints a comparison table; saves a plot of the training curves.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--steps", type=int, default=800, help="training steps per run")
-    p.add_argument(
-        "--batch-size", type=int, default=8, help="examples per batch (small on purpose)"
-    )
-    p.add_argument(
-        "--lrs",
-        type=lambda s: tuple(float(v) for v in s.split(",")),
-        default=DEFAULT_LRS,
-        help="comma-separated learning-rate grid, the same for every variant",
-    )
-    p.add_argument(
-        "--variants",
-        type=lambda s: tuple(s.split(",")),
-        default=VARIANTS,
-        help=f"comma-separated subset of {','.join(VARIANTS)}",
-    )
-    p.add_argument("--eval-every", type=int, default=50, help="steps between test evaluations")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, init and batch order")
-    p.add_argument(
-        "--out", type=pathlib.Path, default=ROOT / "outputs" / "train_digits.png", help="plot path"
-    )
-    p.add_argument(
-        "--copy-to-docs",
-        action="store_true",
-        help="also copy the plot to docs/img/train_digits.png (the README's figure)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = p.parse_args(argv)
-    for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"--variants: unknown variant {v!r}; choose from {','.join(VARIANTS)}")
-    if args.steps < 1 or args.eval_every < 1 or args.batch_size < 2:
-        p.error("--steps and --eval-every must be >= 1 and --batch-size >= 2")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
