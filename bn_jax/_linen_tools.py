@@ -77,9 +77,10 @@ def recalibrate(
 
     Returns:
       ``variables`` with ``mean`` and ``var`` of every BatchNorm that ran
-      replaced (float32, biased variance as Flax keeps it; other entries kept;
-      a feature that saw no valid element keeps its values). A ``FrozenDict``
-      stays frozen.
+      replaced (in their dtype; the biased variance, as Flax keeps it, or
+      ``M2 / (n - 1)`` for a layer with ``unbiased_running_var=True``; other
+      entries kept; a feature that saw no valid element keeps its values). A
+      ``FrozenDict`` stays frozen.
 
     Raises:
       ValueError: no batches, no BatchNorm called, ``passes`` < 1, a one-shot
@@ -111,6 +112,7 @@ def recalibrate(
                 if path not in active:
                     calls.setdefault(path, []).append((args[0], kwargs.get("mask")))
                     axes[path] = module.axis
+                    unbiased[path] = bool(getattr(module, "unbiased_running_var", False))
                     return _reentrant(active, path, next_fun, args, kwargs)
             return next_fun(*args, **kwargs)
 
@@ -123,6 +125,7 @@ def recalibrate(
             check_stats_shape(_stats_at(v, path), out[path], path)
         return out
 
+    unbiased: dict[Path, bool] = {}  # filled when ``moments`` is traced
     step = jax.jit(moments)
 
     def write(v, new):
@@ -139,6 +142,7 @@ def recalibrate(
         variables,
         batches,
         old_stats=lambda v, keys: {p: dict(_stats_at(v, p)) for p in keys},
+        unbiased=unbiased.get,
         write=write,
         passes=passes,
         progress=progress,

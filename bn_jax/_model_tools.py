@@ -85,6 +85,7 @@ def pool_passes(
     batches: Iterable[Any] | Callable[[], Iterable[Any]],
     *,
     old_stats: Callable[[Any, list[Any]], dict[str, Mapping[str, jax.Array]]],
+    unbiased: Callable[[Any], bool],
     write: Callable[[Any, dict[str, dict[str, jax.Array]]], Any],
     passes: int,
     progress: bool,
@@ -94,7 +95,9 @@ def pool_passes(
 
     After each pass the pooled moments of every layer replace its ``mean`` and
     ``var`` (``write``), so the next pass runs with them; a feature that saw no
-    valid element keeps its old values.
+    valid element keeps its old values. ``var`` is ``M2 / n``, or
+    ``M2 / (n - 1)`` for the layers where ``unbiased(key)`` (a BatchNorm that
+    keeps PyTorch's unbiased running variance).
     """
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"recalibrate: passes must be an int >= 1, got {passes!r}.")
@@ -115,7 +118,12 @@ def pool_passes(
             raise ValueError("recalibrate: batches yielded no batch.")
         if not acc:
             raise ValueError("recalibrate: the model called no BatchNorm layer.")
-        carry = write(carry, _finalize(acc, old_stats(carry, list(acc)), unbiased=False))
+        new = {}
+        for flag in (False, True):
+            group = {k: m for k, m in acc.items() if bool(unbiased(k)) == flag}
+            if group:
+                new.update(_finalize(group, old_stats(carry, list(group)), unbiased=flag))
+        carry = write(carry, new)
     return carry
 
 

@@ -52,7 +52,9 @@ def recalibrate(
         mean = sum(x) / n,   var = sum((x - mean)**2) / n    # n: all valid elements
 
     pooled exactly (count-weighted, not an EMA, not an average of per-batch
-    variances); the BatchNorm's ``mask`` argument is honoured.
+    variances); the BatchNorm's ``mask`` argument is honoured. A layer with
+    ``unbiased_running_var=True`` (a bn_jax drop-in option) gets
+    ``M2 / (n - 1)``.
 
     The batches run on a functional copy of the model under ``jax.jit``, so
     the running statistics a training-mode call would write and the model's
@@ -144,6 +146,7 @@ def recalibrate(
         (rngs, stats),
         batches,
         old_stats=lambda carry, keys: {k: carry[1][k] for k in keys},
+        unbiased=lambda key: getattr(norms[key], "unbiased_running_var", False),
         write=write,
         passes=passes,
         progress=progress,

@@ -232,7 +232,7 @@ def test_linen_fold_matches_eval_model(linen_net):
     assert set(fvars["batch_stats"]) == {"BatchNorm_1"}
     assert "BatchNorm_0" not in fvars["params"] and "BatchNorm_1" in fvars["params"]
     assert fvars["params"]["Block_1"]["conv_proj"]["bias"].shape == (8,)
-    want = model.apply(variables, X_NEW, train=False)
+    want = jax.jit(partial(model.apply, train=False))(variables, X_NEW)
     out = jax.jit(partial(folded.apply, train=False))(fvars, X_NEW)
     _close(out, want, 1e-5)
     with pytest.raises(ValueError, match="folded for evaluation"):
@@ -366,6 +366,9 @@ class NNet(nnx.Module):
         return self.head(nnx.relu(x))
 
 
+nnx_apply = nnx.jit(lambda m, x: m(x))
+
+
 def _nnx_stats(model) -> dict:
     return {
         "/".join(map(str, p)): {"mean": np.asarray(m.mean[...]), "var": np.asarray(m.var[...])}
@@ -387,7 +390,7 @@ def nnx_batch_stats(model, x) -> dict:
         if isinstance(m, nnx.BatchNorm):
             m.momentum = 0.0
     bn_training(copy)
-    nnx.jit(lambda m, x: m(x))(copy, x)
+    nnx_apply(copy, x)
     return _nnx_stats(copy)
 
 
@@ -460,7 +463,7 @@ def test_nnx_fold_matches_eval_model(nnx_net):
     assert all(kinds[n] == "BatchNorm" for n in NNX_NOT_FOLDED)
     assert modules[("block2", "conv_proj")].bias.shape == (8,)
     assert model.conv.bias is None  # the original is untouched
-    _close(nnx.jit(lambda m, x: m(x))(folded, X_NEW), model(X_NEW), 1e-5)
+    _close(nnx_apply(folded, X_NEW), nnx_apply(model, X_NEW), 1e-5)
     folded.train()
     with pytest.raises(ValueError, match="folded into the layer before it"):
         folded(X_NEW)
@@ -508,3 +511,35 @@ def test_nnx_layer_applied_twice_and_masks():
     assert type(folded.norm).__name__ == "FoldedBatchNorm"
     _close(folded(x), model(x), 1e-5)
     assert type(bn_jax.nnx.fold(model, x, mask=masks).norm) is nnx.BatchNorm
+
+
+class UnbiasedBatchNorm(nn.BatchNorm):
+    """A BatchNorm subclass that keeps PyTorch's unbiased running variance."""
+
+    unbiased_running_var: bool = True
+
+
+class TwoNorms(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return UnbiasedBatchNorm(use_running_average=False)(x), nn.BatchNorm(
+            use_running_average=False
+        )(x)
+
+
+def test_linen_recalibrate_keeps_each_layers_variance_convention():
+    x = RNG.normal(1.0, 2.0, size=(10, 3)).astype(np.float32)
+    model = TwoNorms()
+    variables = model.init(jax.random.key(0), x)
+    new = bn_jax.linen.recalibrate(
+        model,
+        variables,
+        [x[:6], x[6:]],
+        forward=lambda v, b: model.apply(v, b, mutable=["batch_stats"]),
+        progress=False,
+    )
+    _, var, n = ref.bn_stats(x)
+    np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["var"], var, rtol=1e-5)
+    np.testing.assert_allclose(
+        new["batch_stats"]["UnbiasedBatchNorm_0"]["var"], var * n / (n - 1), rtol=1e-5
+    )
