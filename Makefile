@@ -42,16 +42,18 @@ test: lint docs
 	BN_JAX_REQUIRE_BROWSER=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # Build the sdist and wheel, install the wheel into a fresh virtualenv, and run
-# the README's quickstart there, outside the checkout.
+# the README's quickstart there, outside the checkout (the core only: no Flax).
 WHEEL_CHECK ?= build/wheel-check
 wheel-check: $(VENV)/.installed-test
 	rm -rf dist $(WHEEL_CHECK)
 	$(PY) -m build -q --sdist --wheel --outdir dist . >/dev/null
 	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
-	$(WHEEL_CHECK)/venv/bin/python -m pip install -q dist/bn_jax-*.whl
+	$(PY) -m pip freeze --exclude-editable > $(WHEEL_CHECK)/constraints.txt  # the versions pip has cached
+	$(WHEEL_CHECK)/venv/bin/python -m pip install -q -c $(WHEEL_CHECK)/constraints.txt dist/bn_jax-*.whl
 	$(PY) .ci/readme_block.py Quickstart > $(WHEEL_CHECK)/quickstart.py
 	cd $(WHEEL_CHECK) && venv/bin/python -c "import bn_jax; print('bn_jax', bn_jax.__version__, bn_jax.__file__)"
-	cd $(WHEEL_CHECK) && venv/bin/python quickstart.py
+	cd $(WHEEL_CHECK) && venv/bin/python quickstart.py > quickstart.out && cat quickstart.out
+	grep -qF "prints \`$$(cat $(WHEEL_CHECK)/quickstart.out)\`" README.md  # what the README says
 
 bench: $(VENV)/.installed-test
 	$(PY) -m bn_jax.bench
