@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "numerics.json").write_text(json.dumps(rows, indent=1))
     print(format_numerics(rows), flush=True)
     if not args.skip_bench:
-        report = bench.run(["--no-progress", *bench_args])
+        report = bench.run(bench_args)  # with a progress bar unless --no-progress
         (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     failed = [f"{r['case']} {r['dtype']}" for r in rows if not r["ok"]]
     if failed:

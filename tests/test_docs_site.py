@@ -120,6 +120,7 @@ def test_home_page_renders(browser, site_url):
     nav = _visible_texts(browser, ".sidebar-tree a")
     for page in ("Getting started", "Flax drop-ins", "Distributed use", "API reference"):
         assert page in nav, nav
+    assert any("pip install" in c for c in _visible_texts(browser, "div.highlight pre"))
     search = browser.find_element(By.CSS_SELECTOR, "input[name='q']")
     assert search.is_displayed()
     assert _console_errors(browser) == []
@@ -144,6 +145,9 @@ def test_api_page_renders_and_search_finds_it(browser, site_url):
     assert browser.title.startswith("API reference")
     signatures = _visible_texts(browser, "dl.py.class > dt")
     assert any(s.startswith("class bn_jax.BatchNorm(") for s in signatures), signatures
+    examples = _visible_texts(browser, "dl.py.class div.highlight pre")
+    assert any("bn_jax.BatchNorm(" in e for e in examples), examples  # a docstring's example
+    assert "API reference" in _visible_texts(browser, ".sidebar-tree a")
     assert _console_errors(browser) == []
 
     box = browser.find_element(By.CSS_SELECTOR, "input[name='q']")
