@@ -8,6 +8,7 @@ Every normalizer is a frozen, hashable configuration object with pure
     y, state = norm.apply(params, state, x, training=True)
 """
 
+from bn_jax.norms.normalizer import Normalizer
 from bn_jax.norms.batch_norm import BatchNorm
 from bn_jax.norms.batch_norm import batch_norm
 from bn_jax.norms.batch_renorm import BatchRenorm
@@ -39,6 +40,7 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
+    "Normalizer",
     "RMSNorm",
     "SequenceBatchNorm",
     "batch_norm",

@@ -230,6 +230,7 @@ class BatchNorm(nn.Module):
         (statistics are always reduced in at least float32).
       unbiased_running_var: the running variance tracks the unbiased batch
         variance, as PyTorch does.
+      allow_single_value: as in ``bn_jax.BatchNorm``.
 
     Conventions: running statistics start at mean 0 and variance 1 with no
     debiasing; a channel whose batch statistics are not finite keeps its
@@ -263,6 +264,7 @@ class BatchNorm(nn.Module):
     use_fast_variance: bool = False
     force_float32_reductions: bool = True
     unbiased_running_var: bool = False
+    allow_single_value: bool = False
 
     @nn.compact
     def __call__(

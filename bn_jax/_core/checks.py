@@ -19,12 +19,10 @@ from jax import lax
 AxisName = Hashable | tuple[Hashable, ...]
 
 
-def check_momentum(momentum: float | None, *, allow_none: bool = True) -> None:
-    """Raises unless ``momentum`` is a number in ``[0, 1]`` (or None when allowed)."""
+def check_momentum(momentum: float | None) -> None:
+    """Raises unless ``momentum`` is None or a number in ``[0, 1]``."""
     if momentum is None:
-        if allow_none:
-            return
-        raise ValueError("momentum must be a number in [0, 1], got None.")
+        return
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)):
         raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}.")
     if not 0.0 <= float(momentum) <= 1.0:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,29 +13,32 @@ from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
-    NormMixin,
+    Mask,
     Params,
     State,
-    broadcastable,
+    batch_mask,
+    canonical_axes,
+    check_common_fields,
+    check_state_keys,
     check_training,
+    check_x,
+    checked_affine,
     feature_shape,
+    freeze,
     functional,
+    init_params,
+    init_running,
+    normalize_with,
+    other_axes,
+    out_dtype,
+    running_keys,
+    stats_config,
+    update_state,
 )
 
 
-class Call(NamedTuple):
-    """A validated ``apply`` call of the BatchNorm family."""
-
-    x: jax.Array
-    feature_axes: tuple[int, ...]
-    shape: tuple[int, ...]  # the feature shape
-    scale: jax.Array | None  # broadcastable against x
-    bias: jax.Array | None
-    out_dtype: jnp.dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchNorm(NormMixin):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchNorm:
     r"""Batch Normalization: normalize each feature with statistics of the batch.
 
     Training mode, per feature ``c`` over every other axis (and every device
@@ -76,6 +78,8 @@ class BatchNorm(NormMixin):
       unbiased_running_var: running variance tracks ``n / (n - 1)`` times the
         batch variance, as PyTorch does (normalization always uses the biased
         batch variance).
+      allow_single_value: train on a batch with one value per feature
+        instead of raising (see Conventions).
 
     Conventions:
       * ``momentum=0.99`` here is PyTorch's ``momentum=0.01``.
@@ -86,7 +90,9 @@ class BatchNorm(NormMixin):
         valid element under ``mask``, keeps its running statistics; the
         output still shows the NaN.
       * Training on a batch with a single value per feature is an error
-        (its variance is meaningless), as in PyTorch.
+        (its variance is meaningless), as in PyTorch;
+        ``allow_single_value=True`` computes it instead, as Flax does
+        (variance 0, so the output is ``bias``).
 
     Example::
 
@@ -112,131 +118,41 @@ class BatchNorm(NormMixin):
     param_dtype: Any = jnp.float32
     use_fast_variance: bool = False
     unbiased_running_var: bool = False
+    allow_single_value: bool = False
 
     def __post_init__(self) -> None:
         checks.check_momentum(self.momentum)
-        checks.check_epsilon(self.epsilon)
-        object.__setattr__(self, "axis", checks.canonical_axis(self.axis))
-        self._check_groups_and_dtypes()
+        freeze(self, axis=canonical_axes(self.axis, "axis"))
+        check_common_fields(self)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
-        """Returns ``(params, state)`` for ``features``.
-
-        Args:
-          features: the number of features, a tuple of sizes (one per feature
-            axis) or an example input.
-          key: PRNG key for random initializers (the defaults need none).
-        """
-        shape = feature_shape(features, self.axis, self._name)
-        return self._init_params(shape, key), self._init_state(shape)
-
-    def _init_state(self, shape: tuple[int, ...]) -> State:
-        return self._init_running(shape)
-
-    def _check_running_state(self, state: State) -> None:
-        need = set(jax.eval_shape(lambda: self._init_state((1,))))
-        have = set(state) if isinstance(state, Mapping) else set()
-        if not need <= have:
-            raise ValueError(
-                f"{self._name}: state has keys {sorted(have)} but needs {sorted(need)}; "
-                f"build it with {self._name}.init (momentum=None adds 'count')."
-            )
+        """Returns ``(params, state)``; see :meth:`Normalizer.init`."""
+        shape = feature_shape(features, self.axis, "BatchNorm")
+        return init_params(self, shape, key), init_running(shape, self.momentum, self.param_dtype)
 
     def apply(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        training: bool,
-        mask: jax.Array | None = None,
+        self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
-        """Normalizes ``x``; returns ``(y, new_state)``.
-
-        Args:
-          params: ``{"scale", "bias"}`` from :meth:`init`.
-          state: ``{"mean", "var"}`` (and ``"count"``) from :meth:`init`.
-          x: floating-point input with the features along ``axis``.
-          training: batch statistics and updated state (True) or running
-            statistics and the same state (False). Keyword only, no default.
-          mask: boolean array broadcastable to ``x``; only True elements
-            enter the batch statistics (all elements are normalized).
+        """Normalizes ``x`` with batch (training) or running statistics; see
+        :meth:`Normalizer.apply`.
 
         Raises:
-          TypeError: integer input or a non-bool ``training``.
-          ValueError: feature-size mismatch, axis out of range, a mask that
-            does not broadcast, a single value per feature in training, or
-            an unbound ``axis_name``.
+          ValueError: also for a single value per feature in training, unless
+            ``allow_single_value``.
         """
-        training = check_training(training, self._name)
-        c = self._prepare(params, state, x)
+        training, x = check_training(training, "BatchNorm"), check_x(x)
+        feature_axes = checks.resolve_axes(self.axis, x.ndim)
+        check_state_keys(state, running_keys(self.momentum), "BatchNorm")
+        aff = checked_affine(self, params, x, feature_axes, "axis", running=state)
+        out = out_dtype(self, x)
         if not training:
-            return self._normalize_running(c.x, state, c.scale, c.bias, c.feature_axes, c.out_dtype)
-        reduce_axes = tuple(i for i in range(c.x.ndim) if i not in c.feature_axes)
-        return self._train(state, c, mask, reduce_axes)
-
-    # Pieces of ``apply`` shared with the BatchNorm variants: BatchRenorm
-    # overrides ``_prepare`` (its state check), ``_train_affine`` and
-    # ``_update``; GhostBatchNorm ``_prepare`` and ``_train``;
-    # SequenceBatchNorm calls them from its own ``apply``.
-
-    def _prepare(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        feature_axes: tuple[int, ...] | None = None,
-        check_state: bool = True,
-    ) -> Call:
-        """Validates a call (and ``state``'s shapes when ``check_state``)."""
-        checks.check_input(x)
-        x = jnp.asarray(x)
-        if feature_axes is None:
-            feature_axes = checks.resolve_axes(self.axis, x.ndim)
-        scale, bias, shape = self._affine(
-            params, x, feature_axes, "axis", state if check_state else None
-        )
-        return Call(
-            x,
-            feature_axes,
-            shape,
-            broadcastable(scale, x.ndim, feature_axes),
-            broadcastable(bias, x.ndim, feature_axes),
-            jnp.dtype(self.dtype or x.dtype),
-        )
-
-    def _train(
-        self, state: State, c: Call, mask: Any, reduce_axes: tuple[int, ...]
-    ) -> tuple[jax.Array, State]:
-        """Training mode: ``(y, new_state)`` from the batch statistics over ``reduce_axes``."""
-        mask = self._batch_mask(c.x.shape, reduce_axes, mask)
-        scale, bias = self._train_affine(state, c, mask, reduce_axes)
-        y, mean, var, count = batch_normalize(
-            c.x, scale, bias, mask, self._stats_config(reduce_axes, c.out_dtype)
-        )
-        return y, self._update(state, mean, var, count, c.shape)
-
-    def _train_affine(
-        self, state: State, c: Call, mask: jax.Array | None, reduce_axes: tuple[int, ...]
-    ) -> tuple[Any, Any]:
-        """The scale and bias of a training step (BatchRenorm corrects them here)."""
-        return c.scale, c.bias
-
-    def _batch_mask(
-        self, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], mask: Any
-    ) -> jax.Array | None:
-        """The checked ``mask``; raises for an unbound ``axis_name`` or a single value per
-        feature."""
-        mask = checks.check_mask(mask, x_shape)
-        devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
-        if math.prod(x_shape[i] for i in reduce_axes) * devices <= 1:
-            raise ValueError(
-                f"{self._name}: training with a single value per feature (x.shape="
-                f"{tuple(x_shape)}, axis={self.axis!r}) has no meaningful variance; use a "
-                f"batch of 2 or more, or training=False."
-            )
-        return mask
+            y = normalize_with(x, state["mean"], state["var"], aff, feature_axes, self.epsilon, out)
+            return y, state
+        reduce_axes = other_axes(x.ndim, feature_axes)
+        mask = batch_mask(self, x.shape, reduce_axes, mask)
+        cfg = stats_config(self, reduce_axes, out)
+        y, *stats = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
+        return y, update_state(self, state, stats, aff.shape)
 
 
 batch_norm = functional(

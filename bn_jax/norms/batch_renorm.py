@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Union
 
 import jax
@@ -11,9 +11,35 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bn_jax._core import checks
+from bn_jax._core.normalize import batch_normalize
 from bn_jax._core.stats import moments
-from bn_jax.norms._common import Params, State, broadcastable, functional
-from bn_jax.norms.batch_norm import BatchNorm, Call
+from bn_jax.norms._common import (
+    Affine,
+    Initializer,
+    Mask,
+    Params,
+    State,
+    batch_mask,
+    broadcastable,
+    canonical_axes,
+    check_common_fields,
+    check_state_keys,
+    check_training,
+    check_x,
+    checked_affine,
+    feature_shape,
+    freeze,
+    functional,
+    init_params,
+    init_running,
+    normalize_with,
+    other_axes,
+    out_dtype,
+    running_keys,
+    stats_config,
+    update_state,
+)
 
 Schedule = Union[float, Callable[[jax.Array], Any]]  # noqa: UP007 (a runtime alias)
 
@@ -35,8 +61,8 @@ def _limit(value: Schedule, step: jax.Array, dtype: Any) -> jax.Array:
     return lax.stop_gradient(jnp.asarray(v, dtype))
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchRenorm(BatchNorm):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchRenorm:
     r"""Batch Renormalization: BatchNorm whose training output tracks the running statistics.
 
     Training mode, per feature, with batch statistics ``mu_B, sigma_B`` and
@@ -66,15 +92,18 @@ class BatchRenorm(BatchNorm):
         The paper starts at 1 and ramps up to 3.
       dmax: the bound on ``|d|`` (``>= 0``), a number or a callable of the
         step count; the paper ramps it from 0 up to 5.
-      **kwargs: every option of :class:`BatchNorm` (``momentum``, ``epsilon``,
-        ``axis``, ``axis_name``, ``dtype``, ...), with the same meaning.
+      momentum, epsilon, axis, axis_name, axis_index_groups, use_scale,
+        use_bias, scale_init, bias_init, dtype, param_dtype, use_fast_variance,
+        unbiased_running_var, allow_single_value: as in :class:`BatchNorm`.
 
     State: ``{"mean", "var", "step"}`` (plus ``"count"`` when
     ``momentum=None``); ``step`` is an int32 scalar.
 
     Conventions:
       * Those of :class:`BatchNorm` (Flax momentum, start at mean 0 / var 1,
-        the non-finite guard, no single-value batches).
+        the non-finite guard, no single-value batches in training unless
+        ``allow_single_value=True``, where ``x - mu_B = 0`` leaves the
+        output ``d * scale + bias``).
       * ``r`` and ``d`` use the running statistics *before* this step's
         update, and the schedules see the step count before it is
         incremented (0 on the first training step).
@@ -93,79 +122,101 @@ class BatchRenorm(BatchNorm):
     Dependence in Batch-Normalized Models", NeurIPS 2017.
     """
 
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    axis: int | tuple[int, ...] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = jax.nn.initializers.ones
+    bias_init: Initializer = jax.nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_fast_variance: bool = False
+    unbiased_running_var: bool = False
+    allow_single_value: bool = False
     rmax: Schedule = 3.0
     dmax: Schedule = 5.0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        checks.check_momentum(self.momentum)
+        freeze(self, axis=canonical_axes(self.axis, "axis"))
+        check_common_fields(self)
         _check_limit("rmax", self.rmax, 1.0)
         _check_limit("dmax", self.dmax, 0.0)
 
-    def _init_state(self, shape: tuple[int, ...]) -> State:
-        state = super()._init_state(shape)
-        state["step"] = jnp.zeros((), jnp.int32)
-        return state
+    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
+        """Returns ``(params, state)``; ``state`` also holds the int32 ``"step"``."""
+        shape = feature_shape(features, self.axis, "BatchRenorm")
+        state = init_running(shape, self.momentum, self.param_dtype)
+        return init_params(self, shape, key), {**state, "step": jnp.zeros((), jnp.int32)}
 
     def apply(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        training: bool,
-        mask: jax.Array | None = None,
+        self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
-        """Normalizes ``x``; returns ``(y, new_state)``.
+        """Normalizes ``x`` (renormalized batch statistics in training, running ones in
+        evaluation); see :meth:`Normalizer.apply`. ``state`` carries ``"step"``.
 
-        Args and errors are those of :meth:`BatchNorm.apply`; ``state`` also
-        carries the int32 ``"step"`` counter.
+        Raises:
+          ValueError: also for a state without ``"step"`` and, as
+            :class:`BatchNorm`, a single value per feature in training.
         """
-        return super().apply(params, state, x, training=training, mask=mask)
-
-    def _prepare(self, params: Params, state: State, x: jax.Array, **kwargs: Any) -> Call:
+        training, x = check_training(training, "BatchRenorm"), check_x(x)
         if "step" not in state:
             raise ValueError(
-                f"{self._name}: state has no 'step' (keys: {sorted(state)}); build it with "
-                f"{self._name}.init."
+                f"BatchRenorm: state has no 'step' (keys: {sorted(state)}); build it with "
+                f"BatchRenorm.init."
             )
-        return super()._prepare(params, state, x, **kwargs)
+        check_state_keys(state, running_keys(self.momentum), "BatchRenorm")
+        feature_axes = checks.resolve_axes(self.axis, x.ndim)
+        aff = checked_affine(self, params, x, feature_axes, "axis", running=state)
+        out = out_dtype(self, x)
+        if not training:
+            y = normalize_with(x, state["mean"], state["var"], aff, feature_axes, self.epsilon, out)
+            return y, state
+        reduce_axes = other_axes(x.ndim, feature_axes)
+        mask = batch_mask(self, x.shape, reduce_axes, mask)
+        scale, bias = _renorm_affine(self, state, x, aff, mask, feature_axes, reduce_axes)
+        y, *stats = batch_normalize(x, scale, bias, mask, stats_config(self, reduce_axes, out))
+        new_state = update_state(self, state, stats, aff.shape)
+        return y, {**new_state, "step": state["step"] + 1}
 
-    def _train_affine(
-        self, state: State, c: Call, mask: jax.Array | None, reduce_axes: tuple[int, ...]
-    ) -> tuple[Any, Any]:
-        """The effective ``(scale * r, bias + scale * d)`` of this training step."""
-        # r and d need the batch statistics before normalizing; under jit XLA
-        # shares this reduction with the identical one in batch_normalize.
-        x, feature_axes, scale, bias = c.x, c.feature_axes, c.scale, c.bias
-        batch = moments(
-            lax.stop_gradient(x),
-            reduce_axes,
-            mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            fast_variance=self.use_fast_variance,
-        )
-        dt = batch.mean.dtype
-        run_mean = broadcastable(state["mean"].astype(dt), x.ndim, feature_axes)
-        run_std = jnp.sqrt(
-            broadcastable(state["var"].astype(dt), x.ndim, feature_axes) + self.epsilon
-        )
-        step = state["step"]
-        rmax = _limit(self.rmax, step, dt)
-        dmax = _limit(self.dmax, step, dt)
-        r = jnp.clip(jnp.sqrt(batch.var + self.epsilon) / run_std, 1.0 / rmax, rmax)
-        d = jnp.clip((batch.mean - run_mean) / run_std, -dmax, dmax)
-        r, d = lax.stop_gradient(r), lax.stop_gradient(d)
-        eff_scale = r if scale is None else scale.astype(dt) * r
-        eff_bias = d if scale is None else scale.astype(dt) * d
-        if bias is not None:
-            eff_bias = eff_bias + bias.astype(dt)
-        return eff_scale, eff_bias
 
-    def _update(self, state: State, *args: Any, **kwargs: Any) -> State:
-        new_state = super()._update(state, *args, **kwargs)
-        new_state["step"] = state["step"] + 1
-        return new_state
+def _renorm_affine(
+    norm: BatchRenorm,
+    state: State,
+    x: jax.Array,
+    aff: Affine,
+    mask: Mask,
+    feature_axes: tuple[int, ...],
+    reduce_axes: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:
+    """The effective ``(scale * r, bias + scale * d)`` of this training step."""
+    # r and d need the batch statistics before normalizing; under jit XLA
+    # shares this reduction with the identical one in batch_normalize.
+    batch = moments(
+        lax.stop_gradient(x),
+        reduce_axes,
+        mask,
+        axis_name=norm.axis_name,
+        axis_index_groups=norm.axis_index_groups,
+        fast_variance=norm.use_fast_variance,
+    )
+    dt = batch.mean.dtype
+    run_mean = broadcastable(state["mean"].astype(dt), x.ndim, feature_axes)
+    run_var = broadcastable(state["var"].astype(dt), x.ndim, feature_axes)
+    run_std = jnp.sqrt(run_var + norm.epsilon)
+    rmax = _limit(norm.rmax, state["step"], dt)
+    dmax = _limit(norm.dmax, state["step"], dt)
+    r = jnp.clip(jnp.sqrt(batch.var + norm.epsilon) / run_std, 1.0 / rmax, rmax)
+    d = jnp.clip((batch.mean - run_mean) / run_std, -dmax, dmax)
+    r, d = lax.stop_gradient(r), lax.stop_gradient(d)
+    scale = r if aff.scale is None else aff.scale.astype(dt) * r
+    bias = d if aff.scale is None else aff.scale.astype(dt) * d
+    if aff.bias is not None:
+        bias = bias + aff.bias.astype(dt)
+    return scale, bias
 
 
 batch_renorm = functional(

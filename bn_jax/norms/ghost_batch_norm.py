@@ -4,19 +4,44 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
-from bn_jax.norms._common import Params, State, average_stats, functional
-from bn_jax.norms.batch_norm import BatchNorm, Call
+from bn_jax.norms._common import (
+    Initializer,
+    Mask,
+    Params,
+    State,
+    average_stats,
+    canonical_axes,
+    check_common_fields,
+    check_int,
+    check_single_value,
+    check_state_keys,
+    check_training,
+    check_x,
+    checked_affine,
+    feature_shape,
+    freeze,
+    functional,
+    init_params,
+    init_running,
+    normalize_with,
+    other_axes,
+    out_dtype,
+    running_keys,
+    stats_config,
+    update_state,
+)
 
 
-@dataclasses.dataclass(frozen=True)
-class GhostBatchNorm(BatchNorm):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GhostBatchNorm:
     r"""Ghost Batch Normalization: BatchNorm over small virtual sub-batches.
 
     Training mode splits the batch axis (axis 0) into ``k = B / v``
@@ -38,7 +63,9 @@ class GhostBatchNorm(BatchNorm):
     Args:
       virtual_batch_size: examples per virtual batch (keyword only, required);
         it must divide the per-device batch ``x.shape[0]``.
-      **kwargs: every option of :class:`BatchNorm`, with the same meaning,
+      momentum, epsilon, axis, axis_name, axis_index_groups, use_scale,
+        use_bias, scale_init, bias_init, dtype, param_dtype, use_fast_variance,
+        unbiased_running_var, allow_single_value: as in :class:`BatchNorm`,
         except that ``axis`` may not include the batch axis 0.
 
     Cross-device (``axis_name``): virtual batches are contiguous slices of
@@ -50,8 +77,9 @@ class GhostBatchNorm(BatchNorm):
     result equals single-device GhostBatchNorm on the concatenated batch.
     With ``axis_name=None`` each device keeps its own running statistics.
 
-    Conventions: those of :class:`BatchNorm`. ``virtual_batch_size`` equal
-    to the batch is BatchNorm.
+    Conventions: those of :class:`BatchNorm`, per virtual batch (so
+    ``allow_single_value=True`` allows ``virtual_batch_size=1``).
+    ``virtual_batch_size`` equal to the batch is BatchNorm.
 
     Example::
 
@@ -64,81 +92,86 @@ class GhostBatchNorm(BatchNorm):
     neural networks", NeurIPS 2017.
     """
 
-    virtual_batch_size: int = dataclasses.field(kw_only=True)
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    axis: int | tuple[int, ...] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = jax.nn.initializers.ones
+    bias_init: Initializer = jax.nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_fast_variance: bool = False
+    unbiased_running_var: bool = False
+    allow_single_value: bool = False
+    virtual_batch_size: int
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        v = self.virtual_batch_size
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"virtual_batch_size must be a positive int, got {v!r}.")
-        if v <= 0:
-            raise ValueError(f"virtual_batch_size must be a positive int, got {v!r}.")
-        object.__setattr__(self, "virtual_batch_size", int(v))
+        checks.check_momentum(self.momentum)
+        freeze(self, axis=canonical_axes(self.axis, "axis"))
+        check_common_fields(self)
+        v = check_int("virtual_batch_size", self.virtual_batch_size, positive=True)
+        freeze(self, virtual_batch_size=v)
+
+    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
+        """Returns ``(params, state)``; see :meth:`Normalizer.init`."""
+        shape = feature_shape(features, self.axis, "GhostBatchNorm")
+        return init_params(self, shape, key), init_running(shape, self.momentum, self.param_dtype)
 
     def apply(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        training: bool,
-        mask: jax.Array | None = None,
+        self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
-        """Normalizes ``x``; returns ``(y, new_state)``.
-
-        Args are those of :meth:`BatchNorm.apply`.
+        """Normalizes ``x`` with the statistics of each virtual batch (training) or the
+        running ones; see :meth:`Normalizer.apply`.
 
         Raises:
-          ValueError: as :meth:`BatchNorm.apply`, and when ``virtual_batch_size``
-            does not divide ``x.shape[0]`` or ``axis`` includes axis 0.
+          ValueError: also when ``virtual_batch_size`` does not divide
+            ``x.shape[0]``, ``axis`` includes axis 0, or a virtual batch has a
+            single value per feature (unless ``allow_single_value``).
         """
-        return super().apply(params, state, x, training=training, mask=mask)
-
-    def _prepare(self, params: Params, state: State, x: jax.Array, **kwargs: Any) -> Call:
-        c = super()._prepare(params, state, x, **kwargs)
-        if 0 in c.feature_axes:
+        training, x = check_training(training, "GhostBatchNorm"), check_x(x)
+        feature_axes = checks.resolve_axes(self.axis, x.ndim)
+        check_state_keys(state, running_keys(self.momentum), "GhostBatchNorm")
+        aff = checked_affine(self, params, x, feature_axes, "axis", running=state)
+        if 0 in feature_axes:
             raise ValueError(
-                f"{self._name}: axis={self.axis!r} includes axis 0, which is the batch axis "
+                f"GhostBatchNorm: axis={self.axis!r} includes axis 0, which is the batch axis "
                 f"split into virtual batches; put the batch first."
             )
-        return c
-
-    def _train(
-        self, state: State, c: Call, mask: Any, reduce_axes: tuple[int, ...]
-    ) -> tuple[jax.Array, State]:
-        """Normalizes each virtual batch on its own; one running update for all."""
-        x, feature_axes = c.x, c.feature_axes
+        out = out_dtype(self, x)
+        if not training:
+            y = normalize_with(x, state["mean"], state["var"], aff, feature_axes, self.epsilon, out)
+            return y, state
         v, batch = self.virtual_batch_size, x.shape[0]
         if batch % v:
             raise ValueError(
-                f"{self._name}: virtual_batch_size={v} does not divide the per-device batch "
+                f"GhostBatchNorm: virtual_batch_size={v} does not divide the per-device batch "
                 f"of {batch} examples (x.shape[0]); use a batch that is a multiple of {v} or "
                 f"a virtual_batch_size among the divisors of {batch}."
             )
         mask = checks.check_mask(mask, x.shape)
-        checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
-        k = batch // v
-        xg = x.reshape((k, v, *x.shape[1:]))
-        g_axes = tuple(a + 1 for a in feature_axes)
-        reduce_g = tuple(i for i in range(1, xg.ndim) if i not in g_axes)
-        if mask is None and math.prod(xg.shape[i] for i in reduce_g) <= 1:
-            raise ValueError(
-                f"{self._name}: training with virtual_batch_size={v} leaves a single value per "
-                f"feature in each virtual batch (x.shape={tuple(x.shape)}); use "
-                f"virtual_batch_size >= 2."
-            )
+        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "GhostBatchNorm")
+        xg = x.reshape((batch // v, v, *x.shape[1:]))  # [virtual batch, example, ...]
+        reduce_g = other_axes(xg.ndim, tuple(a + 1 for a in feature_axes), first=1)
+        check_single_value(
+            math.prod(xg.shape[i] for i in reduce_g),
+            self.allow_single_value,
+            f"GhostBatchNorm: training with virtual_batch_size={v} leaves a single value per "
+            f"feature in each virtual batch (x.shape={tuple(x.shape)}); use "
+            f"virtual_batch_size >= 2.",
+        )
         if mask is not None:
             mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
-            mask = mask[None] if mask.shape[0] == 1 else mask.reshape((k, v, *mask.shape[1:]))
-        y, mean, var, count = batch_normalize(
-            xg,
-            None if c.scale is None else c.scale[None],  # broadcastable against xg
-            None if c.bias is None else c.bias[None],
-            mask,
-            self._stats_config(reduce_g, c.out_dtype, sync=False),
-        )
+            mask = (
+                mask[None] if mask.shape[0] == 1 else mask.reshape((*xg.shape[:2], *mask.shape[1:]))
+            )
+        cfg = stats_config(self, reduce_g, out, sync=False)  # each device its own batches
+        scale, bias = (None if a is None else a[None] for a in (aff.scale, aff.bias))
+        y, mean, var, count = batch_normalize(xg, scale, bias, mask, cfg)
         # One update with the count-weighted average of the sub-batch statistics.
-        mean, var, total = average_stats(
+        stats = average_stats(
             mean,
             var,
             count,
@@ -147,7 +180,7 @@ class GhostBatchNorm(BatchNorm):
             axis_index_groups=self.axis_index_groups,
         )
         # average_stats already made the variance unbiased if asked.
-        return y.reshape(x.shape), self._update(state, mean, var, total, c.shape, unbiased=False)
+        return y.reshape(x.shape), update_state(self, state, stats, aff.shape, unbiased=False)
 
 
 ghost_batch_norm = functional(

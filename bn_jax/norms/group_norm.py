@@ -14,16 +14,24 @@ from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
-    NormMixin,
+    Mask,
     Params,
     State,
+    check_common_fields,
+    check_int,
     check_training,
+    check_x,
+    checked_affine,
+    freeze,
     functional,
+    init_params,
+    out_dtype,
+    stats_config,
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class GroupNorm(NormMixin):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GroupNorm:
     r"""Group Normalization: normalize groups of channels within each example.
 
     The ``C`` channels along ``feature_axis`` are split into ``G`` contiguous
@@ -92,19 +100,10 @@ class GroupNorm(NormMixin):
                 f"group_size, pass num_groups=None as well (num_groups defaults to 32)."
             )
         for name in ("num_groups", "group_size"):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{name} must be a positive int, got {v!r}.")
-            if v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}.")
-            object.__setattr__(self, name, int(v))
+            if getattr(self, name) is not None:
+                freeze(self, **{name: check_int(name, getattr(self, name), positive=True)})
         checks.check_epsilon(self.epsilon)
-        fa = self.feature_axis
-        if isinstance(fa, bool) or not isinstance(fa, (int, np.integer)):
-            raise TypeError(f"feature_axis must be an int, got {fa!r}.")
-        object.__setattr__(self, "feature_axis", int(fa))
+        freeze(self, feature_axis=check_int("feature_axis", self.feature_axis))
         if self.reduction_axes is not None:
             try:
                 red = checks.canonical_axis(self.reduction_axes)
@@ -113,8 +112,8 @@ class GroupNorm(NormMixin):
                     f"reduction_axes must be None, an int or a tuple of ints, got "
                     f"{self.reduction_axes!r}."
                 ) from None
-            object.__setattr__(self, "reduction_axes", red)
-        self._check_groups_and_dtypes()
+            freeze(self, reduction_axes=red)
+        check_common_fields(self)
 
     def _groups(self, channels: int) -> int:
         """Number of groups for ``channels``, or a ValueError that says what divides."""
@@ -151,36 +150,20 @@ class GroupNorm(NormMixin):
                 f"GroupNorm.init: the number of channels must be positive, got {channels}."
             )
         self._groups(channels)
-        return self._init_params((channels,), key), {}
+        return init_params(self, (channels,), key), {}
 
     def apply(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        training: bool,
-        mask: jax.Array | None = None,
+        self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
-        """Normalizes ``x``; returns ``(y, state)`` with ``state`` unchanged.
-
-        Args:
-          params: ``{"scale", "bias"}`` of shape ``[C]`` from :meth:`init`.
-          state: ``{}``.
-          x: floating-point input with channels along ``feature_axis``.
-          training: accepted for a uniform calling convention; no effect.
-          mask: boolean array broadcastable to ``x``; only True elements enter
-            the statistics.
+        """Normalizes each group of channels of each example; ``state`` (``{}``) is returned
+        unchanged and ``training`` has no effect. See :meth:`Normalizer.apply`.
 
         Raises:
-          TypeError: integer input or a non-bool ``training``.
-          ValueError: channels not divisible into groups, reduction axes that
-            omit the feature axis, a feature-size mismatch, axes out of range,
-            a mask that does not broadcast, or an unbound ``axis_name``.
+          ValueError: also for channels not divisible into groups or
+            reduction axes that omit the feature axis.
         """
-        check_training(training, self._name)
-        checks.check_input(x)
-        x = jnp.asarray(x)
+        check_training(training, "GroupNorm")
+        x = check_x(x)
         (c,) = checks.resolve_axes(self.feature_axis, x.ndim, "feature_axis")
         if self.reduction_axes is None:
             reduce = tuple(range(1, x.ndim))
@@ -192,11 +175,11 @@ class GroupNorm(NormMixin):
                 f"feature_axis={self.feature_axis} (axis {c} of an input of rank {x.ndim}): "
                 f"statistics are taken over the channels of each group."
             )
-        scale, bias, _ = self._affine(params, x, (c,), "feature_axis")
+        aff = checked_affine(self, params, x, (c,), "feature_axis")
         channels = x.shape[c]
         groups = self._groups(channels)
         mask = checks.check_mask(mask, x.shape)
-        checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
+        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "GroupNorm")
 
         # Split the channel axis c into (groups, channels per group) at c, c + 1.
         split = (*x.shape[:c], groups, channels // groups, *x.shape[c + 1 :])
@@ -209,14 +192,9 @@ class GroupNorm(NormMixin):
                 mask = jnp.expand_dims(mask, c + 1)
             else:
                 mask = mask.reshape((*mask.shape[:c], *split[c : c + 2], *mask.shape[c + 1 :]))
-        cfg = self._stats_config(reduce_g, jnp.dtype(self.dtype or x.dtype))
-        y, _, _, _ = batch_normalize(
-            x.reshape(split),
-            None if scale is None else scale.reshape(pshape),
-            None if bias is None else bias.reshape(pshape),
-            mask,
-            cfg,
-        )
+        scale, bias = (None if a is None else a.reshape(pshape) for a in (aff.scale, aff.bias))
+        cfg = stats_config(self, reduce_g, out_dtype(self, x))
+        y, _, _, _ = batch_normalize(x.reshape(split), scale, bias, mask, cfg)
         return y.reshape(x.shape), state
 
 

@@ -14,19 +14,32 @@ from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
-    NormMixin,
+    Mask,
     Params,
     State,
     average_stats,
-    broadcastable,
+    canonical_axes,
+    check_common_fields,
+    check_single_value,
+    check_state_keys,
     check_training,
+    check_x,
+    checked_affine,
     feature_shape,
+    freeze,
     functional,
+    init_params,
+    init_running,
+    normalize_with,
+    other_axes,
+    out_dtype,
+    stats_config,
+    update_state,
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class InstanceNorm(NormMixin):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InstanceNorm:
     r"""Instance Normalization: normalize each channel of each example on its own.
 
     For every example ``n`` (axis 0) and feature ``c``, over the remaining
@@ -64,10 +77,15 @@ class InstanceNorm(NormMixin):
         here); ``None`` keeps the cumulative average.
       unbiased_running_var: average the unbiased instance variances into the
         running variance, as PyTorch does.
+      allow_single_value: normalize an input with a single value per
+        instance and channel (no spatial axes) instead of raising.
 
-    Conventions (with ``track_running_stats=True``):
-      * ``momentum=0.99`` here is PyTorch's ``momentum=0.01`` (PyTorch's
-        default 0.1 is 0.9 here).
+    Conventions:
+      * An input with one value per instance and channel (no spatial axes)
+        is an error, as in PyTorch; ``allow_single_value=True`` computes it
+        instead, as Flax does (variance 0, so the output is ``bias``).
+      * With ``track_running_stats=True``: ``momentum=0.99`` here is
+        PyTorch's ``momentum=0.01`` (PyTorch's default 0.1 is 0.9 here).
       * The running variance averages the biased instance variances, unless
         ``unbiased_running_var=True`` (PyTorch's convention).
       * Running statistics start at mean 0 and variance 1 with no debiasing,
@@ -101,55 +119,31 @@ class InstanceNorm(NormMixin):
     momentum: float | None = 0.99
     unbiased_running_var: bool = False
 
+    allow_single_value: bool = False
+
     def __post_init__(self) -> None:
-        checks.check_epsilon(self.epsilon)
         checks.check_momentum(self.momentum)
-        self._canonicalize_axes("feature_axes")
-        self._check_groups_and_dtypes()
+        freeze(self, feature_axes=canonical_axes(self.feature_axes, "feature_axes"))
+        check_common_fields(self)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; ``state`` is ``{}`` unless ``track_running_stats``."""
-        shape = feature_shape(features, self.feature_axes, self._name, "feature_axes")
-        state = self._init_running(shape) if self.track_running_stats else {}
-        return self._init_params(shape, key), state
-
-    def _check_running_state(self, state: State) -> None:
-        if "mean" not in state or "var" not in state:
-            raise ValueError(
-                f"InstanceNorm: track_running_stats=True but state has keys "
-                f"{sorted(state)}; build the state with InstanceNorm.init."
-            )
+        shape = feature_shape(features, self.feature_axes, "InstanceNorm", "feature_axes")
+        state = init_running(shape, self.momentum, self.param_dtype)
+        return init_params(self, shape, key), state if self.track_running_stats else {}
 
     def apply(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        training: bool,
-        mask: jax.Array | None = None,
+        self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
-        """Normalizes ``x``; returns ``(y, new_state)``.
-
-        Args:
-          params: ``{"scale", "bias"}`` from :meth:`init`.
-          state: ``{}``, or ``{"mean", "var"}`` with ``track_running_stats``.
-          x: floating-point input ``[batch, ..., features]``.
-          training: with ``track_running_stats``, instance statistics and an
-            updated state (True) or running statistics (False); otherwise no
-            effect.
-          mask: boolean array broadcastable to ``x``; only True elements enter
-            the statistics.
+        """Normalizes each channel of each example (``x``: ``[batch, ..., features]``); see
+        :meth:`Normalizer.apply`. With ``track_running_stats``, ``training=False`` uses
+        the running statistics; otherwise ``training`` has no effect.
 
         Raises:
-          TypeError: integer input or a non-bool ``training``.
-          ValueError: feature axes that include axis 0, a feature-size
-            mismatch, axes out of range, a mask that does not broadcast, a
-            single value per instance and channel, or an unbound ``axis_name``.
+          ValueError: also for feature axes that include axis 0 and, unless
+            ``allow_single_value``, a single value per instance and channel.
         """
-        training = check_training(training, self._name)
-        checks.check_input(x)
-        x = jnp.asarray(x)
+        training, x = check_training(training, "InstanceNorm"), check_x(x)
         feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
         if 0 in feature_axes:
             raise ValueError(
@@ -157,33 +151,33 @@ class InstanceNorm(NormMixin):
                 f"axis; put the batch first."
             )
         track = self.track_running_stats
-        scale, bias, shape = self._affine(
-            params, x, feature_axes, "feature_axes", state if track else None
+        if track:
+            check_state_keys(state, ("mean", "var"), "InstanceNorm")
+        aff = checked_affine(
+            self, params, x, feature_axes, "feature_axes", state if track else None
         )
-        out_dtype = jnp.dtype(self.dtype or x.dtype)
-        scale = broadcastable(scale, x.ndim, feature_axes)
-        bias = broadcastable(bias, x.ndim, feature_axes)
+        out = out_dtype(self, x)
         if track and not training:
-            return self._normalize_running(x, state, scale, bias, feature_axes, out_dtype)
-
-        reduce_axes = tuple(i for i in range(1, x.ndim) if i not in feature_axes)
+            y = normalize_with(x, state["mean"], state["var"], aff, feature_axes, self.epsilon, out)
+            return y, state
+        reduce_axes = other_axes(x.ndim, feature_axes, first=1)
         mask = checks.check_mask(mask, x.shape)
-        devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, self._name)
-        if mask is None and math.prod(x.shape[i] for i in reduce_axes) * devices <= 1:
-            raise ValueError(
-                f"InstanceNorm: x.shape={tuple(x.shape)} with feature_axes="
-                f"{self.feature_axes!r} leaves a single value per instance and channel (no "
-                f"spatial axes); its variance is meaningless. Did you mean LayerNorm or "
-                f"BatchNorm?"
-            )
-        cfg = self._stats_config(reduce_axes, out_dtype)
-        y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
+        devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, "InstanceNorm")
+        check_single_value(
+            math.prod(x.shape[i] for i in reduce_axes) * devices,
+            self.allow_single_value,
+            f"InstanceNorm: x.shape={tuple(x.shape)} with feature_axes={self.feature_axes!r} "
+            f"leaves a single value per instance and channel (no spatial axes); its variance "
+            f"is meaningless. Did you mean LayerNorm or BatchNorm?",
+        )
+        cfg = stats_config(self, reduce_axes, out)
+        y, mean, var, count = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
         if not (track and training):
             return y, state
         # Statistics are already merged over axis_name (it splits the spatial
         # axes), so the average over instances needs no further collective.
-        mean, var, count = average_stats(mean, var, count, unbiased=self.unbiased_running_var)
-        return y, self._update(state, mean, var, count, shape, unbiased=False)
+        stats = average_stats(mean, var, count, unbiased=self.unbiased_running_var)
+        return y, update_state(self, state, stats, aff.shape, unbiased=False)
 
 
 instance_norm = functional(

@@ -9,18 +9,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
+    Mask,
     Params,
-    PerExampleMixin,
     State,
+    canonical_axes,
+    check_common_fields,
+    check_training,
+    check_x,
+    checked_affine,
+    feature_shape,
+    freeze,
     functional,
+    init_params,
+    out_dtype,
+    stats_config,
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerNorm(PerExampleMixin):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerNorm:
     r"""Layer Normalization: normalize each example over its feature axes.
 
     For every example (every position outside ``reduction_axes``)::
@@ -73,33 +84,33 @@ class LayerNorm(PerExampleMixin):
     axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
 
+    def __post_init__(self) -> None:
+        freeze(
+            self,
+            reduction_axes=canonical_axes(self.reduction_axes, "reduction_axes"),
+            feature_axes=canonical_axes(self.feature_axes, "feature_axes"),
+        )
+        check_common_fields(self)
+
+    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
+        """Returns ``(params, {})``; see :meth:`Normalizer.init`."""
+        shape = feature_shape(features, self.feature_axes, "LayerNorm", "feature_axes")
+        return init_params(self, shape, key), {}
+
     def apply(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        training: bool,
-        mask: jax.Array | None = None,
+        self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
-        """Normalizes ``x``; returns ``(y, state)`` with ``state`` unchanged.
-
-        Args:
-          params: ``{"scale", "bias"}`` from :meth:`init`.
-          state: ``{}``.
-          x: floating-point input.
-          training: accepted for a uniform calling convention; no effect.
-          mask: boolean array broadcastable to ``x``; only True elements enter
-            the statistics.
-
-        Raises:
-          TypeError: integer input or a non-bool ``training``.
-          ValueError: feature-size mismatch, axes out of range, a mask that
-            does not broadcast, or an unbound ``axis_name``.
-        """
-        x, reduce_axes, scale, bias, mask = self._prepare(params, x, training, mask)
-        cfg = self._stats_config(reduce_axes, jnp.dtype(self.dtype or x.dtype))
-        y, _, _, _ = batch_normalize(x, scale, bias, mask, cfg)
+        """Normalizes each example over ``reduction_axes``; ``state`` (``{}``) is returned
+        unchanged and ``training`` has no effect. See :meth:`Normalizer.apply`."""
+        check_training(training, "LayerNorm")
+        x = check_x(x)
+        reduce_axes = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
+        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
+        aff = checked_affine(self, params, x, feature_axes, "feature_axes")
+        mask = checks.check_mask(mask, x.shape)
+        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "LayerNorm")
+        cfg = stats_config(self, reduce_axes, out_dtype(self, x))
+        y, _, _, _ = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
         return y, state
 
 

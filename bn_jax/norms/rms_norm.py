@@ -15,10 +15,19 @@ from bn_jax._core import checks
 from bn_jax._core.stats import group_sum
 from bn_jax.norms._common import (
     Initializer,
+    Mask,
     Params,
-    PerExampleMixin,
     State,
+    canonical_axes,
+    check_common_fields,
+    check_training,
+    check_x,
+    checked_affine,
+    feature_shape,
+    freeze,
     functional,
+    init_params,
+    out_dtype,
 )
 
 
@@ -59,8 +68,8 @@ def rms_normalize(
     return y.astype(out_dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class RMSNorm(PerExampleMixin):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RMSNorm:
     r"""RMS normalization: rescale each example by its root mean square, no centering.
 
     For every example (every position outside ``reduction_axes``)::
@@ -107,38 +116,39 @@ class RMSNorm(PerExampleMixin):
     axis_name: Hashable | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
 
+    def __post_init__(self) -> None:
+        freeze(
+            self,
+            reduction_axes=canonical_axes(self.reduction_axes, "reduction_axes"),
+            feature_axes=canonical_axes(self.feature_axes, "feature_axes"),
+        )
+        check_common_fields(self)
+
+    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
+        """Returns ``({"scale"}, {})``; see :meth:`Normalizer.init`."""
+        shape = feature_shape(features, self.feature_axes, "RMSNorm", "feature_axes")
+        return init_params(self, shape, key), {}
+
     def apply(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        training: bool,
-        mask: jax.Array | None = None,
+        self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
-        """Normalizes ``x``; returns ``(y, state)`` with ``state`` unchanged.
-
-        Args:
-          params: ``{"scale"}`` from :meth:`init` (``{}`` when ``use_scale=False``).
-          state: ``{}``.
-          x: floating-point input.
-          training: accepted for a uniform calling convention; no effect.
-          mask: boolean array broadcastable to ``x``; only True elements enter
-            the mean square.
-
-        Raises:
-          TypeError: integer input or a non-bool ``training``.
-          ValueError: feature-size mismatch, axes out of range, a mask that
-            does not broadcast, or an unbound ``axis_name``.
-        """
-        x, reduce_axes, scale, _, mask = self._prepare(params, x, training, mask)
+        """Rescales each example by its root mean square over ``reduction_axes``; ``state``
+        (``{}``) is returned unchanged and ``training`` has no effect. See
+        :meth:`Normalizer.apply`."""
+        check_training(training, "RMSNorm")
+        x = check_x(x)
+        reduce_axes = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
+        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
+        aff = checked_affine(self, params, x, feature_axes, "feature_axes")
+        mask = checks.check_mask(mask, x.shape)
+        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "RMSNorm")
         y = rms_normalize(
             x,
-            scale,
+            aff.scale,
             mask,
             axes=reduce_axes,
             epsilon=float(self.epsilon),
-            out_dtype=jnp.dtype(self.dtype or x.dtype),
+            out_dtype=out_dtype(self, x),
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
         )

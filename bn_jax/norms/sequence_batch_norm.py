@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
@@ -12,13 +13,36 @@ from jax import lax
 
 from bn_jax._core import checks
 from bn_jax._core.normalize import affine, batch_normalize
-from bn_jax._core.running import update_running
-from bn_jax.norms._common import Params, State, check_training, functional_doc, normalize_with
-from bn_jax.norms.batch_norm import BatchNorm, Call
+from bn_jax.norms._common import (
+    Affine,
+    Initializer,
+    Mask,
+    Params,
+    State,
+    batch_mask,
+    canonical_axes,
+    check_common_fields,
+    check_int,
+    check_state_keys,
+    check_training,
+    check_x,
+    checked_affine,
+    feature_shape,
+    freeze,
+    functional_doc,
+    init_params,
+    init_running,
+    normalize_with,
+    other_axes,
+    out_dtype,
+    running_keys,
+    stats_config,
+    update_state,
+)
 
 
-@dataclasses.dataclass(frozen=True)
-class SequenceBatchNorm(BatchNorm):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SequenceBatchNorm:
     r"""Recurrent Batch Normalization: separate statistics for every time step.
 
     For an input with a time axis (``[batch, time, features]`` by default),
@@ -57,10 +81,13 @@ class SequenceBatchNorm(BatchNorm):
         (keyword only, required).
       time_axis: the time axis of a whole-sequence input (default 1: batch
         first); it may not be a feature axis.
-      **kwargs: every option of :class:`BatchNorm` with the same meaning;
+      momentum, epsilon, axis, axis_name, axis_index_groups, use_scale,
+        use_bias, scale_init, bias_init, dtype, param_dtype, use_fast_variance,
+        unbiased_running_var, allow_single_value: as in :class:`BatchNorm`;
         ``axis`` names the feature axes of the whole-sequence layout.
 
-    Conventions: those of :class:`BatchNorm`, per step. The paper also
+    Conventions: those of :class:`BatchNorm` (``allow_single_value``
+    included), per step. The paper also
     recommends initializing ``scale`` to 0.1 in recurrent networks
     (``scale_init=jax.nn.initializers.constant(0.1)``).
 
@@ -80,59 +107,45 @@ class SequenceBatchNorm(BatchNorm):
     A. Courville, "Recurrent Batch Normalization", ICLR 2017 (arXiv 2016).
     """
 
-    max_steps: int = dataclasses.field(kw_only=True)
-    time_axis: int = dataclasses.field(default=1, kw_only=True)
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    axis: int | tuple[int, ...] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = jax.nn.initializers.ones
+    bias_init: Initializer = jax.nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_fast_variance: bool = False
+    unbiased_running_var: bool = False
+    allow_single_value: bool = False
+    max_steps: int
+    time_axis: int = 1
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        m, t = self.max_steps, self.time_axis
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
-            raise TypeError(f"max_steps must be a positive int, got {m!r}.")
-        if m <= 0:
-            raise ValueError(f"max_steps must be a positive int, got {m!r}.")
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-            raise TypeError(f"time_axis must be an int, got {t!r}.")
-        object.__setattr__(self, "max_steps", int(m))
-        object.__setattr__(self, "time_axis", int(t))
+        checks.check_momentum(self.momentum)
+        freeze(self, axis=canonical_axes(self.axis, "axis"))
+        check_common_fields(self)
+        freeze(
+            self,
+            max_steps=check_int("max_steps", self.max_steps, positive=True),
+            time_axis=check_int("time_axis", self.time_axis),
+        )
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; state arrays have shape ``[max_steps, *features]``.
 
-        Args:
-          features: the number of features, a tuple of sizes (one per feature
-            axis) or an example whole-sequence input.
-          key: PRNG key for random initializers (the defaults need none).
+        ``features`` may be an example whole-sequence input (see
+        :meth:`Normalizer.init`).
         """
         if hasattr(features, "shape") and hasattr(features, "ndim"):
-            self._layout(features.ndim, step_mode=False)  # checks time_axis vs axis
-        return super().init(features, key=key)
-
-    def _init_state(self, shape: tuple[int, ...]) -> State:
-        one = super()._init_state(shape)
-        return {k: jnp.repeat(v[None], self.max_steps, 0) for k, v in one.items()}
-
-    def _layout(self, ndim: int, *, step_mode: bool) -> tuple[int, tuple[int, ...]]:
-        """(time axis, feature axes) of the full sequence layout of rank ``ndim``."""
-        full = ndim + 1 if step_mode else ndim
-        if not -full <= self.time_axis < full:
-            what = (
-                f"x of rank {ndim} is one time step (step was given), so the sequence has rank "
-                f"{full}"
-                if step_mode
-                else f"x has rank {ndim}; a single time step needs the step= argument"
-            )
-            raise ValueError(
-                f"{self._name}: time_axis={self.time_axis} is out of range: {what}; valid "
-                f"values are {-full}..{full - 1}."
-            )
-        time = self.time_axis % full
-        feature_axes = checks.resolve_axes(self.axis, full)
-        if time in feature_axes:
-            raise ValueError(
-                f"{self._name}: time_axis={self.time_axis} is also a feature axis "
-                f"(axis={self.axis!r}); the features and the time must be different axes."
-            )
-        return time, feature_axes
+            _layout(self, features.ndim, step_mode=False)  # checks time_axis vs axis
+        shape = feature_shape(features, self.axis, "SequenceBatchNorm")
+        one = init_running(shape, self.momentum, self.param_dtype)
+        state = {k: jnp.repeat(v[None], self.max_steps, 0) for k, v in one.items()}
+        return init_params(self, shape, key), state
 
     def apply(
         self,
@@ -141,109 +154,128 @@ class SequenceBatchNorm(BatchNorm):
         x: jax.Array,
         *,
         training: bool,
-        mask: jax.Array | None = None,
+        mask: Mask = None,
         step: int | jax.Array | None = None,
     ) -> tuple[jax.Array, State]:
-        """Normalizes a whole sequence, or one step of it; returns ``(y, new_state)``.
+        """Normalizes a whole sequence, or one step of it; see :meth:`Normalizer.apply`.
 
         Args:
-          params: ``{"scale", "bias"}`` from :meth:`init`.
-          state: ``{"mean", "var"}`` (and ``"count"``) of shape
-            ``[max_steps, *features]``.
+          params, state, training, mask: as in :meth:`Normalizer.apply`;
+            ``state`` arrays have shape ``[max_steps, *features]``, and a mask
+            such as ``[batch, time, 1]`` leaves out padded steps.
           x: a whole sequence (time along ``time_axis``) when ``step`` is None,
             otherwise one time step (the sequence layout without its time axis).
-          training: batch statistics and updated state (True) or running
-            statistics and the same state (False).
-          mask: boolean array broadcastable to ``x``; only True elements enter
-            the statistics (e.g. ``[batch, time, 1]`` for padded sequences).
           step: the time index of a single-step ``x``: a non-negative int or an
             integer scalar array (may be traced, e.g. inside ``lax.scan``).
 
         Raises:
-          ValueError: as :meth:`BatchNorm.apply`, a ``time_axis`` out of range
-            for ``x``, a time axis that is also a feature axis, or state of the
-            wrong shape.
-          TypeError: as :meth:`BatchNorm.apply`, or a non-integer ``step``.
+          ValueError: also for a ``time_axis`` out of range for ``x``, a time
+            axis that is also a feature axis, state of the wrong shape, or a
+            single value per feature and step in training (unless
+            ``allow_single_value``).
+          TypeError: also for a non-integer ``step``.
         """
-        training = check_training(training, self._name)
-        checks.check_input(x)
-        x = jnp.asarray(x)
-        step_mode = step is not None
-        time, full_axes = self._layout(x.ndim, step_mode=step_mode)
-        if step_mode:
-            feature_axes = tuple(a - (a > time) for a in full_axes)
-        else:
-            feature_axes = full_axes
-        c = self._prepare(params, state, x, feature_axes=feature_axes, check_state=False)
-        x, feature_axes, shape, scale, bias, out_dtype = c
-        self._check_running_state(state)
+        training, x = check_training(training, "SequenceBatchNorm"), check_x(x)
+        time, feature_axes = _layout(self, x.ndim, step_mode=step is not None)
+        if step is not None:  # the feature axes of the step, without the time axis
+            feature_axes = tuple(a - (a > time) for a in feature_axes)
+        aff = checked_affine(self, params, x, feature_axes, "axis")
+        check_state_keys(state, running_keys(self.momentum), "SequenceBatchNorm")
         for name in ("mean", "var"):
-            if tuple(state[name].shape) != (self.max_steps, *shape):
+            if tuple(state[name].shape) != (self.max_steps, *aff.shape):
                 raise ValueError(
-                    f"{self._name}: state[{name!r}] has shape {tuple(state[name].shape)} but "
-                    f"max_steps={self.max_steps} and the feature shape {shape} need "
-                    f"{(self.max_steps, *shape)}; build the state with {self._name}.init."
+                    f"SequenceBatchNorm: state[{name!r}] has shape {tuple(state[name].shape)} "
+                    f"but max_steps={self.max_steps} and the feature shape {aff.shape} need "
+                    f"{(self.max_steps, *aff.shape)}; build the state with "
+                    f"SequenceBatchNorm.init."
                 )
-        if step_mode:
-            return self._apply_step(state, c, mask, step, training)
-
+        out = out_dtype(self, x)
+        if step is not None:
+            return _apply_step(self, state, x, aff, feature_axes, out, mask, step, training)
         steps = x.shape[time]
         if not training:
             slots = np.minimum(np.arange(steps), self.max_steps - 1)
             mean = _place(state["mean"][slots], x.ndim, (time, *feature_axes))
             var = _place(state["var"][slots], x.ndim, (time, *feature_axes))
             inv = lax.rsqrt(var + jnp.asarray(self.epsilon, var.dtype))
-            return affine(x, mean, inv, scale, bias, out_dtype), state
-
-        reduce_axes = tuple(i for i in range(x.ndim) if i != time and i not in feature_axes)
-        mask = self._batch_mask(x.shape, reduce_axes, mask)
-        y, mean, var, count = batch_normalize(
-            x, scale, bias, mask, self._stats_config(reduce_axes, out_dtype)
-        )
-        k = min(steps, self.max_steps)
-        order = (time, *feature_axes)
-        mean, var, count = (_take(v, order)[:k] for v in (mean, var, count))
-        old = {name: v[:k] for name, v in state.items()}
-        new = update_running(
-            old, mean, var, count, momentum=self.momentum, unbiased=self.unbiased_running_var
-        )
+            return affine(x, mean, inv, aff.scale, aff.bias, out), state
+        reduce_axes = other_axes(x.ndim, (time, *feature_axes))
+        mask = batch_mask(self, x.shape, reduce_axes, mask)
+        cfg = stats_config(self, reduce_axes, out)
+        y, *stats = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
+        k = min(steps, self.max_steps)  # steps past max_steps leave the state alone
+        stats = tuple(_take(v, (time, *feature_axes))[:k] for v in stats)
+        new = update_state(self, {n: v[:k] for n, v in state.items()}, stats, (k, *aff.shape))
         return y, {name: state[name].at[:k].set(new[name]) for name in state}
 
-    def _apply_step(
-        self, state: State, c: Call, mask: Any, step: Any, training: bool
-    ) -> tuple[jax.Array, State]:
-        step = _check_step(step, self._name)
-        slot = jnp.clip(step, 0, self.max_steps - 1)
-        old = {n: lax.dynamic_index_in_dim(v, slot, 0, keepdims=False) for n, v in state.items()}
-        if not training:
-            mean, var = old["mean"], old["var"]
-            y = normalize_with(
-                c.x, mean, var, c.scale, c.bias, c.feature_axes, self.epsilon, c.out_dtype
-            )
-            return y, state
-        reduce_axes = tuple(i for i in range(c.x.ndim) if i not in c.feature_axes)
-        y, new = self._train(old, c, mask, reduce_axes)
-        in_range = (step >= 0) & (step < self.max_steps)
-        return y, {
-            name: lax.dynamic_update_index_in_dim(
-                v, jnp.where(in_range, new[name], old[name]), slot, 0
-            )
-            for name, v in state.items()
-        }
+
+def _layout(norm: SequenceBatchNorm, ndim: int, *, step_mode: bool) -> tuple[int, tuple[int, ...]]:
+    """(time axis, feature axes) of the full sequence layout of an input of rank ``ndim``."""
+    full = ndim + 1 if step_mode else ndim
+    if not -full <= norm.time_axis < full:
+        what = (
+            f"x of rank {ndim} is one time step (step was given), so the sequence has rank {full}"
+            if step_mode
+            else f"x has rank {ndim}; a single time step needs the step= argument"
+        )
+        raise ValueError(
+            f"SequenceBatchNorm: time_axis={norm.time_axis} is out of range: {what}; valid "
+            f"values are {-full}..{full - 1}."
+        )
+    time = norm.time_axis % full
+    feature_axes = checks.resolve_axes(norm.axis, full)
+    if time in feature_axes:
+        raise ValueError(
+            f"SequenceBatchNorm: time_axis={norm.time_axis} is also a feature axis "
+            f"(axis={norm.axis!r}); the features and the time must be different axes."
+        )
+    return time, feature_axes
 
 
-def _check_step(step: Any, layer: str) -> jax.Array:
+def _apply_step(
+    norm: SequenceBatchNorm,
+    state: State,
+    x: jax.Array,
+    aff: Affine,
+    feature_axes: tuple[int, ...],
+    out: jnp.dtype,
+    mask: Mask,
+    step: Any,
+    training: bool,
+) -> tuple[jax.Array, State]:
+    """One time step: BatchNorm with the running statistics of slot ``step``."""
+    step = _check_step(step)
+    slot = jnp.clip(step, 0, norm.max_steps - 1)
+    old = {n: lax.dynamic_index_in_dim(v, slot, 0, keepdims=False) for n, v in state.items()}
+    if not training:
+        return normalize_with(
+            x, old["mean"], old["var"], aff, feature_axes, norm.epsilon, out
+        ), state
+    reduce_axes = other_axes(x.ndim, feature_axes)
+    mask = batch_mask(norm, x.shape, reduce_axes, mask)
+    y, *stats = batch_normalize(x, aff.scale, aff.bias, mask, stats_config(norm, reduce_axes, out))
+    new = update_state(norm, old, stats, aff.shape)
+    in_range = (step >= 0) & (step < norm.max_steps)
+    return y, {
+        name: lax.dynamic_update_index_in_dim(v, jnp.where(in_range, new[name], old[name]), slot, 0)
+        for name, v in state.items()
+    }
+
+
+def _check_step(step: Any) -> jax.Array:
     if isinstance(step, bool):
-        raise TypeError(f"{layer}: step must be an int or an integer scalar, got {step!r}.")
+        raise TypeError(
+            f"SequenceBatchNorm: step must be an int or an integer scalar, got {step!r}."
+        )
     if isinstance(step, (int, np.integer)):
         if step < 0:
-            raise ValueError(f"{layer}: step must be >= 0, got {step}.")
+            raise ValueError(f"SequenceBatchNorm: step must be >= 0, got {step}.")
         return jnp.asarray(step, jnp.int32)
     step = jnp.asarray(step)
     if step.shape != () or not jnp.issubdtype(step.dtype, jnp.integer):
         raise TypeError(
-            f"{layer}: step must be an int or an integer scalar array, got an array of shape "
-            f"{tuple(step.shape)} and dtype {step.dtype}."
+            f"SequenceBatchNorm: step must be an int or an integer scalar array, got an array "
+            f"of shape {tuple(step.shape)} and dtype {step.dtype}."
         )
     return step
 
