@@ -1,7 +1,12 @@
-"""Independent float64 NumPy references. Nothing here imports bn_jax."""
+"""Every reference formula of the tests, in one place. Nothing here imports bn_jax.
+
+Float64 NumPy formulas for values, and :func:`plain_bn`, a textbook
+``jax.numpy`` BatchNorm, for references of derivatives (``jax.grad`` of it).
+"""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -83,7 +88,7 @@ def conv2d_nhwc(x, kernel, bias=None, padding="SAME"):
     return out
 
 
-# --- issue 5: the normalization family -------------------------------------
+# --- the rest of the family -----------------------------------------------
 
 
 def _masked_moments(x, axes, mask):
@@ -190,3 +195,45 @@ def torch_bn_train_step(
     new_mean = (1 - factor) * np.asarray(running_mean, np.float64) + factor * mean
     new_var = (1 - factor) * np.asarray(running_var, np.float64) + factor * unbiased
     return y, new_mean, new_var, num_batches + 1
+
+
+def ghost_batch_norm(x, virtual_batch_size, scale=None, bias=None, axis=-1, eps=1e-5):
+    """GhostBatchNorm's training output: BatchNorm on each contiguous chunk of the batch.
+
+    Returns ``(y, mean, var)`` with the chunk statistics averaged (equal weights:
+    every chunk has the same number of elements), float64.
+    """
+    x = np.asarray(x, np.float64)
+    chunks = [x[i : i + virtual_batch_size] for i in range(0, x.shape[0], virtual_batch_size)]
+    y = np.concatenate([bn_train(c, scale, bias, axis, eps) for c in chunks])
+    stats = [bn_stats(c, axis) for c in chunks]
+    return y, np.mean([m for m, _, _ in stats], 0), np.mean([v for _, v, _ in stats], 0)
+
+
+def sequence_batch_norm(x, scale=None, bias=None, eps=1e-5):
+    """SequenceBatchNorm's training output on ``[batch, time, features]``: BatchNorm of
+    each time step on its own. Returns ``(y, mean, var)`` with ``[time, features]``
+    statistics, float64."""
+    x = np.asarray(x, np.float64)
+    steps = range(x.shape[1])
+    y = np.stack([bn_train(x[:, t], scale, bias, eps=eps) for t in steps], 1)
+    stats = [bn_stats(x[:, t]) for t in steps]
+    return y, np.stack([m for m, _, _ in stats]), np.stack([v for _, v, _ in stats])
+
+
+def plain_bn(x, scale=None, bias=None, *, axis=-1, mask=None, eps=1e-5):
+    """Training-mode BatchNorm as a textbook two-pass formula in ``jax.numpy``, for
+    ``jax.grad``, ``jax.jvp`` and ``jax.hessian`` references (no bn_jax code)."""
+    fa = axes_of(x.ndim, axis)
+    red = tuple(i for i in range(x.ndim) if i not in fa)
+    w = jnp.ones(x.shape) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+    n = jnp.maximum(jnp.sum(w, red, keepdims=True), 1)
+    mean = jnp.sum(w * x, red, keepdims=True) / n
+    var = jnp.sum(w * (x - mean) ** 2, red, keepdims=True) / n
+    y = (x - mean) / jnp.sqrt(var + eps)
+    shape = [x.shape[i] if i in fa else 1 for i in range(x.ndim)]
+    if scale is not None:
+        y = y * scale.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y

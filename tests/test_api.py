@@ -16,25 +16,17 @@ import pytest
 
 import bn_jax
 from bn_jax import interop
+from tests import registry
 
 PACKAGE = pathlib.Path(bn_jax.__file__).parent
 
-# (class, functional form, config) for every normalizer; one input shape fits all:
-# [batch 4, time/spatial 3, features 4].
+# (class, functional form, config) for every normalizer of the registry.
 NORMALIZERS = [
-    (bn_jax.BatchNorm, bn_jax.batch_norm, {"momentum": 0.9}),
-    (bn_jax.BatchRenorm, bn_jax.batch_renorm, {"rmax": 1.5, "dmax": 0.5}),
-    (bn_jax.GhostBatchNorm, bn_jax.ghost_batch_norm, {"virtual_batch_size": 2}),
-    (bn_jax.SequenceBatchNorm, bn_jax.sequence_batch_norm, {"max_steps": 2}),
-    (bn_jax.GroupNorm, bn_jax.group_norm, {"num_groups": 2}),
-    (bn_jax.InstanceNorm, bn_jax.instance_norm, {"track_running_stats": True}),
-    (bn_jax.LayerNorm, bn_jax.layer_norm, {}),
-    (bn_jax.RMSNorm, bn_jax.rms_norm, {}),
+    (e.cls, e.functional, {**e.config, "epsilon": 0.5}) for e in registry.NORMALIZERS.values()
 ]
-NORMALIZERS = [(c, f, {**cfg, "epsilon": 0.5}) for c, f, cfg in NORMALIZERS]
 CLASSES = [c for c, _, _ in NORMALIZERS]
 BN_LIKE = [c for c in CLASSES if "momentum" in {f.name for f in dataclasses.fields(c)}]
-SHAPE = (4, 3, 4)
+SHAPE = registry.X_SHAPE
 YEAR = re.compile(r"\b(19|20)\d\d\b")
 
 
@@ -243,3 +235,13 @@ def test_errors_name_the_argument():
         bn_jax.recalibrate(None, [x], passes="2", progress=False)
     with pytest.raises(ValueError, match=r"recalibrate: passes must be an int >= 1, got 0"):
         bn_jax.recalibrate(None, [x], passes=0, progress=False)
+
+
+SINGLE_VALUE = [registry.NORMALIZERS[n].cls for n in registry.SINGLE_VALUE]
+
+
+@pytest.mark.parametrize("cls", SINGLE_VALUE, ids=lambda c: c.__name__)
+def test_allow_single_value_is_a_documented_field(cls):
+    assert "allow_single_value" in {f.name for f in dataclasses.fields(cls)}
+    doc = inspect.getdoc(cls)
+    assert "allow_single_value" in doc.split("Conventions:")[1], cls.__name__

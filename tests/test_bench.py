@@ -25,12 +25,10 @@ def report():
 
 def test_json_report_structure(report):
     assert set(report) >= {"machine", "command", "settings", "bandwidth", "cases", "targets"}
-    assert report["settings"] == {
-        "repeats": 2,
-        "layers": 2,
-        "libraries": report["settings"]["libraries"],
-    }
-    libs = report["settings"]["libraries"]
+    settings = report["settings"]
+    assert set(settings) == {"repeats", "layers", "libraries"}
+    assert (settings["repeats"], settings["layers"]) == (2, 2)
+    libs = settings["libraries"]
     assert libs[:2] == ["bn_jax", "flax"]
     bw = report["bandwidth"]
     assert bw["bytes_per_s"] == max(bw["read_bytes_per_s"], bw["copy_bytes_per_s"]) > 0
@@ -52,7 +50,7 @@ def test_json_report_structure(report):
             assert c["temp_bytes"] == {}
 
 
-def test_targets_follow_the_issue(report):
+def test_targets_report_value_limit_and_verdict(report):
     targets = report["targets"]
     names = {t["target"].split("<=")[0] for t in targets}
     assert names == {

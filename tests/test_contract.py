@@ -1,15 +1,21 @@
-"""One contract, run over every normalizer (optax's contract-test idea).
+"""One contract, run over every normalizer of ``tests/registry.py`` (optax's
+contract-test idea).
 
-For each member of the family: the state keeps its shapes and dtypes, it
-works as a ``lax.scan`` carry, survives ``jit`` (every call here is jitted), bf16 in gives
-bf16 out (with float32 state), evaluation before any training step is
-finite, repeated steps do not retrace, and the config is hashable.
+For each member of the family and its variants: it satisfies the
+``bn_jax.Normalizer`` protocol as a flat, frozen, keyword-only dataclass; its
+state has the registry's layout, keeps its shapes and dtypes, works as a
+``lax.scan`` carry and survives ``jit`` (every call here is jitted); one
+training step matches the float64 reference; bf16 in gives bf16 out (with
+float32 state); evaluation before any training step is finite; repeated steps
+do not retrace; the config is hashable; ``allow_single_value`` computes what
+the reference does where the default raises.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import chex
 import jax
@@ -18,29 +24,11 @@ import numpy as np
 import pytest
 
 import bn_jax
+from tests import registry
+from tests.registry import NAMES, NORMALIZERS, X_SHAPE
 
-X_SHAPE = (4, 3, 6)  # [batch, time/space, features]
-STEP_SHAPE = (4, 6)  # one time step of SequenceBatchNorm
-
-
-def _ramp(lo, hi, steps):
-    """A warm-up schedule of the step count (what BatchRenorm's paper does to rmax, dmax)."""
-    return lambda count: lo + (hi - lo) * jnp.minimum(count / steps, 1.0)
-
-
-CASES = {
-    "BatchNorm": (bn_jax.BatchNorm(momentum=0.9), False),
-    "BatchNorm-cumulative": (bn_jax.BatchNorm(momentum=None), False),
-    "BatchRenorm": (bn_jax.BatchRenorm(rmax=_ramp(1.0, 3.0, 2), dmax=_ramp(0.0, 5.0, 2)), False),
-    "GhostBatchNorm": (bn_jax.GhostBatchNorm(virtual_batch_size=2, momentum=0.9), False),
-    "SequenceBatchNorm": (bn_jax.SequenceBatchNorm(max_steps=2, momentum=0.9), False),
-    "SequenceBatchNorm-step": (bn_jax.SequenceBatchNorm(max_steps=2, momentum=0.9), True),
-    "GroupNorm": (bn_jax.GroupNorm(num_groups=2), False),
-    "InstanceNorm": (bn_jax.InstanceNorm(), False),
-    "InstanceNorm-tracked": (bn_jax.InstanceNorm(track_running_stats=True, momentum=0.9), False),
-    "LayerNorm": (bn_jax.LayerNorm(), False),
-    "RMSNorm": (bn_jax.RMSNorm(), False),
-}
+STEP_SHAPE = (X_SHAPE[0], X_SHAPE[2])  # one time step of SequenceBatchNorm
+CASES = registry.contract_cases()
 
 
 class Harness:
@@ -48,7 +36,7 @@ class Harness:
 
     def __init__(self, norm, step_mode):
         self.norm, self.step_mode = norm, step_mode
-        self.params, self.state = norm.init(X_SHAPE[-1])
+        self.params, self.state = norm.init(registry.C)
         self.shape = STEP_SHAPE if step_mode else X_SHAPE
         self.traces = {"train": 0, "eval": 0}
         self.train = jax.jit(self._counted("train", True))
@@ -173,3 +161,98 @@ def test_config_is_hashable_and_frozen(name):
     assert copy == norm and hash(copy) == hash(norm) and copy is not norm
     with pytest.raises(dataclasses.FrozenInstanceError):
         norm.epsilon = 1.0
+
+
+# ------------------------------------------------------------- the protocol
+
+
+def _params_of(fn):
+    return list(inspect.signature(fn).parameters.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_satisfies_the_normalizer_protocol(name):
+    """``init`` and ``apply`` take the protocol's parameters (same names, kinds and
+    defaults); anything more is keyword-only with a default."""
+    entry = NORMALIZERS[name]
+    norm = entry.build()
+    assert isinstance(norm, bn_jax.Normalizer)
+    for method in ("init", "apply"):
+        want = _params_of(getattr(bn_jax.Normalizer, method))
+        got = _params_of(getattr(entry.cls, method))
+        assert [(p.name, p.kind, p.default) for p in got[: len(want)]] == [
+            (p.name, p.kind, p.default) for p in want
+        ], (name, method)
+        for extra in got[len(want) :]:
+            assert extra.kind is inspect.Parameter.KEYWORD_ONLY, (name, extra)
+            assert extra.default is not inspect.Parameter.empty, (name, extra)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flat_frozen_keyword_only_dataclass(name):
+    """No normalizer inherits from another (or from anything), and every field is
+    keyword-only, so no two normalizers take fields positionally in different orders."""
+    cls = NORMALIZERS[name].cls
+    assert cls.__mro__ == (cls, object), cls.__mro__
+    params = cls.__dataclass_params__
+    assert params.frozen
+    assert all(f.kw_only for f in dataclasses.fields(cls))
+    with pytest.raises(TypeError, match="positional"):
+        cls(1e-3, **NORMALIZERS[name].config)
+
+
+def test_registry_lists_every_normalizer():
+    """A normalizer exported by bn_jax but missing from the registry would escape the
+    matrix tests."""
+    exported = {
+        getattr(bn_jax, n)
+        for n in bn_jax.__all__
+        if isinstance(getattr(bn_jax, n), type) and n != "Normalizer"
+    }
+    assert exported == {e.cls for e in NORMALIZERS.values()}
+
+
+@names
+def test_init_state_has_the_registry_layout(name):
+    norm, _ = CASES[name]
+    entry = NORMALIZERS[name.split("-")[0]]
+    config = {f.name: getattr(norm, f.name) for f in dataclasses.fields(norm)}
+    _, state = norm.init(registry.C)
+    assert {k: tuple(v.shape) for k, v in state.items()} == entry.state_layout(config)
+    for k, v in state.items():
+        assert v.dtype == (jnp.int32 if k in ("count", "step") else jnp.float32), k
+
+
+def _check_against_reference(entry, norm, x, params, *, tol=1e-5):
+    config = {f.name: getattr(norm, f.name) for f in dataclasses.fields(norm)}
+    _, state = norm.init(registry.C)
+    y, new = jax.jit(lambda p, s, x: norm.apply(p, s, x, training=True))(params, state, x)
+    y_ref, state_ref = entry.reference(np.asarray(x, np.float64), params, config)
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=tol, atol=tol)
+    assert set(new) == set(state_ref)
+    for k, v in state_ref.items():
+        np.testing.assert_allclose(np.asarray(new[k], np.float64), v, rtol=tol, atol=tol, err_msg=k)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_step_matches_float64_reference(name):
+    entry = NORMALIZERS[name]
+    norm = entry.build(momentum=0.9) if "momentum" in registry.fields(name) else entry.build()
+    _check_against_reference(entry, norm, registry.example_x(1), registry.example_params(norm))
+
+
+@pytest.mark.parametrize("name", registry.SINGLE_VALUE)
+def test_allow_single_value_computes_as_the_reference(name):
+    """One value per statistic: an error by default (tests/test_errors.py); with
+    ``allow_single_value=True`` the variance is 0, so the output is the bias (the
+    renormalized bias for BatchRenorm), as the float64 reference gives, and the
+    running statistics take the batch's (zero) variance."""
+    entry = NORMALIZERS[name]
+    shape, extra, _ = entry.single_value
+    norm = entry.build(**extra, allow_single_value=True)
+    params = registry.example_params(norm)
+    x = registry.example_x(2, shape)
+    _check_against_reference(entry, norm, x, params)
+    y, _ = norm.apply(params, norm.init(registry.C)[1], x, training=True)
+    if name != "BatchRenorm":
+        np.testing.assert_allclose(y, np.broadcast_to(params["bias"], shape), atol=1e-6)

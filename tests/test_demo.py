@@ -114,8 +114,8 @@ def test_nnx_example_trains_and_eval_is_batch_independent():
 
 
 def test_accelerator_check_numerics_pass_on_this_backend(tmp_path):
-    """The numerics half of the accelerator check (what was run on an H100) also
-    holds here; it exits non-zero if any error exceeds its tolerance."""
+    """The numerics half of the accelerator check also holds on this backend; it
+    exits non-zero if any error exceeds its tolerance."""
     stdout = run("accelerator_check.py", "--skip-bench", "--out", str(tmp_path))
     rows = [line for line in stdout.splitlines() if "(tol " in line]
     assert len(rows) == 4 and all(" ok (tol " in line for line in rows), stdout

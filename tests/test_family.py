@@ -1,13 +1,13 @@
-"""The BatchNorm family (issue 5) against independent references.
+"""The normalization family against independent references.
 
 References: float64 NumPy formulas (tests/reference.py), ``flax.linen`` with
 ``use_fast_variance=False``, ``jax.grad`` of plain formulas, and
-``bn_jax.BatchNorm`` itself where a variant must reduce to it.
+``bn_jax.BatchNorm`` itself where a variant must reduce to it. Across devices
+the whole family is checked in ``tests/test_distributed.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -16,11 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 import bn_jax
 from tests import reference as ref
-from tests.devices import require_devices
 
 
 def rand(shape, seed=0, loc=0.0, scale=1.0):
@@ -435,64 +433,6 @@ def test_ghost_is_batch_norm_per_chunk(use_mask, unbiased):
         jgrad(ghost_loss)(params, x),
         jgrad(chunked_loss)(params, x),
     )
-
-
-@pytest.mark.parametrize(
-    ("cls", "cfg", "shape"),
-    [
-        # Ghost: virtual batches stay on their device; running stats average over all.
-        (bn_jax.GhostBatchNorm, {"virtual_batch_size": 2, "momentum": 0.5}, (16, 3)),
-        (bn_jax.BatchRenorm, {"rmax": 1.5, "dmax": 0.5, "momentum": 0.5}, (16, 3)),
-        (bn_jax.SequenceBatchNorm, {"max_steps": 2, "momentum": 0.5}, (8, 3, 3)),
-    ],
-)
-def test_cross_device_equals_single_device(cls, cfg, shape):
-    """Batch split over 4 devices with axis_name == one device with the whole batch."""
-    require_devices(4)
-    mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-    synced, single = cls(axis_name="d", **cfg), cls(**cfg)
-    params, state = rand_affine(single, 3)
-    if "step" in state:  # renorm: start from running stats unlike the batch's
-        state = {**state, "mean": state["mean"] + 0.5, "var": state["var"] * 2.0}
-    x = rand(shape, loc=1.0, scale=2.0)
-    f = jax.jit(
-        jax.shard_map(
-            lambda p, s, x: run(synced, p, s, x, training=True),
-            mesh=mesh,
-            in_specs=(P(), P(), P("d")),
-            out_specs=(P("d"), P()),
-        )
-    )
-    y, new = f(params, state, x)
-    y1, new1 = jax.jit(lambda p, s, x: run(single, p, s, x, training=True))(params, state, x)
-    close(y, y1, 1e-5, 1e-5)
-    jax.tree.map(lambda u, v: close(u, v, 1e-5, 1e-5), new, new1)
-
-
-@pytest.mark.parametrize(
-    "norm",
-    [
-        bn_jax.GroupNorm(num_groups=2, axis_name="d"),
-        bn_jax.RMSNorm(reduction_axes=(1, 2), feature_axes=2, axis_name="d"),
-        bn_jax.InstanceNorm(axis_name="d"),
-    ],
-)
-def test_sharded_reduction_axes_equal_single_device(norm):
-    """axis_name for per-example norms: the *reduced* (spatial) axis is split over devices."""
-    require_devices(4)
-    mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-    single = dataclasses.replace(norm, axis_name=None)
-    params, _ = rand_affine(single, 4)
-    x = rand((2, 8, 4), loc=1.0, scale=2.0)
-    f = jax.jit(
-        jax.shard_map(
-            lambda p, x: run(norm, p, {}, x, training=True)[0],
-            mesh=mesh,
-            in_specs=(P(), P(None, "d")),
-            out_specs=P(None, "d"),
-        )
-    )
-    close(f(params, x), run(single, params, {}, x, training=True)[0], 1e-5, 1e-5)
 
 
 # ----------------------------------------------------------------------------

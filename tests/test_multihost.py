@@ -3,8 +3,8 @@
 The test starts ``tests/_multihost_worker.py`` twice with
 ``jax.distributed.initialize`` on a free loopback port; the two processes run
 one synchronized training step over all 4 devices. The result must equal a
-single-process, single-device reference computed here (plain formula +
-``jax.grad``; float64 NumPy for the running statistics). The subprocesses are
+single-process, single-device reference (``jax.grad`` of
+``reference.plain_bn``; float64 NumPy for the running statistics). The subprocesses are
 killed, and the test fails with their logs, if anything takes longer than
 ``TIMEOUT_S`` or if either process fails.
 """
@@ -98,9 +98,7 @@ def reference_step(d):
 
     def loss(params):
         h = jnp.asarray(d["x"]) @ params["w1"]
-        mean = jnp.mean(h, 0)
-        var = jnp.mean((h - mean) ** 2, 0)
-        y = (h - mean) / jnp.sqrt(var + EPS) * params["scale"] + params["bias"]
+        y = ref.plain_bn(h, params["scale"], params["bias"], eps=EPS)
         return jnp.sum((y @ params["w2"] - d["t"]) ** 2) / d["x"].shape[0]
 
     params = {k: jnp.asarray(d[k]) for k in ("w1", "w2", "scale", "bias")}

@@ -52,6 +52,24 @@ def check_common_fields(norm: Any) -> None:
     checks.check_float_dtype("param_dtype", norm.param_dtype, allow_none=False)
 
 
+def check_batch_fields(norm: Any) -> None:
+    """Validates a BatchNorm-like ``norm``: ``momentum``, ``axis`` and the common fields."""
+    checks.check_momentum(norm.momentum)
+    freeze(norm, axis=canonical_axes(norm.axis, "axis"))
+    check_common_fields(norm)
+
+
+def check_example_fields(norm: Any) -> None:
+    """Validates a LayerNorm-like ``norm``: ``reduction_axes``, ``feature_axes`` and the
+    common fields."""
+    freeze(
+        norm,
+        reduction_axes=canonical_axes(norm.reduction_axes, "reduction_axes"),
+        feature_axes=canonical_axes(norm.feature_axes, "feature_axes"),
+    )
+    check_common_fields(norm)
+
+
 def canonical_axes(axes: Any, name: str) -> int | tuple[int, ...]:
     """``checks.canonical_axis`` with a TypeError that names the field."""
     try:
@@ -216,6 +234,47 @@ def checked_affine(
     )
 
 
+class Call(NamedTuple):
+    """A checked call of a normalizer with running statistics."""
+
+    x: jax.Array
+    feature_axes: tuple[int, ...]
+    affine: Affine
+    out: jnp.dtype  # the output dtype
+
+
+def check_batch_call(
+    norm: Any, params: Any, state: Any, x: Any, training: Any
+) -> tuple[bool, Call]:
+    """``(training, call)`` for a BatchNorm-like ``norm``, after every check of the call.
+
+    Checks ``training`` and ``x``, that ``state`` has the running statistics
+    of ``norm.momentum``, and that params and running statistics match the
+    features of ``x`` along ``norm.axis``.
+    """
+    layer = type(norm).__name__
+    training, x = check_training(training, layer), check_x(x)
+    feature_axes = checks.resolve_axes(norm.axis, x.ndim)
+    check_state_keys(state, running_keys(norm.momentum), layer)
+    aff = checked_affine(norm, params, x, feature_axes, "axis", running=state)
+    return training, Call(x, feature_axes, aff, out_dtype(norm, x))
+
+
+def running_output(norm: Any, state: State, c: Call) -> jax.Array:
+    """Evaluation mode: ``c.x`` normalized with ``state``'s running statistics."""
+    return normalize_with(
+        c.x, state["mean"], state["var"], c.affine, c.feature_axes, norm.epsilon, c.out
+    )
+
+
+def checked_mask(norm: Any, x_shape: tuple[int, ...], mask: Any) -> tuple[Mask, int]:
+    """``(mask, devices)``: the checked mask, and the number of devices that share the
+    statistics over ``norm.axis_name`` (an error if it is not bound)."""
+    mask = checks.check_mask(mask, x_shape)
+    devices = checks.bound_axis_size(norm.axis_name, norm.axis_index_groups, type(norm).__name__)
+    return mask, devices
+
+
 def other_axes(ndim: int, kept: tuple[int, ...], first: int = 0) -> tuple[int, ...]:
     """The axes ``first..ndim-1`` that are not in ``kept``: the reduced axes."""
     return tuple(i for i in range(first, ndim) if i not in kept)
@@ -234,24 +293,39 @@ def check_single_value(values: int, allow: bool, message: str) -> None:
         )
 
 
-def batch_mask(norm: Any, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], mask: Any):
+def batch_mask(
+    norm: Any, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], mask: Any
+) -> Mask:
     """The checked ``mask`` of a BatchNorm-like training step over ``reduce_axes``.
 
     Raises for an unbound ``norm.axis_name`` and, unless
     ``norm.allow_single_value``, for a single value per feature in the whole
     (multi-device) batch.
     """
-    mask = checks.check_mask(mask, x_shape)
-    layer = type(norm).__name__
-    devices = checks.bound_axis_size(norm.axis_name, norm.axis_index_groups, layer)
+    mask, devices = checked_mask(norm, x_shape, mask)
     check_single_value(
         math.prod(x_shape[i] for i in reduce_axes) * devices,
         norm.allow_single_value,
-        f"{layer}: training with a single value per feature (x.shape={tuple(x_shape)}, "
-        f"axis={norm.axis!r}) has no meaningful variance; use a batch of 2 or more, or "
-        f"training=False.",
+        f"{type(norm).__name__}: training with a single value per feature (x.shape="
+        f"{tuple(x_shape)}, axis={norm.axis!r}) has no meaningful variance; use a batch of "
+        f"2 or more, or training=False.",
     )
     return mask
+
+
+def check_example_call(
+    norm: Any, params: Any, x: Any, training: Any, mask: Any
+) -> tuple[jax.Array, tuple[int, ...], Affine, Mask]:
+    """``(x, reduce_axes, affine, mask)`` for LayerNorm-like ``norm`` (statistics of each
+    example over ``norm.reduction_axes``, scale and bias along ``norm.feature_axes``),
+    after every check of the call."""
+    check_training(training, type(norm).__name__)
+    x = check_x(x)
+    reduce_axes = checks.resolve_axes(norm.reduction_axes, x.ndim, "reduction_axes")
+    feature_axes = checks.resolve_axes(norm.feature_axes, x.ndim, "feature_axes")
+    aff = checked_affine(norm, params, x, feature_axes, "feature_axes")
+    mask, _ = checked_mask(norm, x.shape, mask)
+    return x, reduce_axes, aff, mask
 
 
 def out_dtype(norm: Any, x: jax.Array) -> jnp.dtype:
@@ -366,7 +440,7 @@ def functional(cls: type, name: str, example: str) -> Callable[..., tuple[jax.Ar
         x: jax.Array,
         *,
         training: bool,
-        mask: jax.Array | None = None,
+        mask: Mask = None,
         **config: Any,
     ) -> tuple[jax.Array, State]:
         return cls(**config).apply(params, state, x, training=training, mask=mask)

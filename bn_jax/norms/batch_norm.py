@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
@@ -17,21 +16,14 @@ from bn_jax.norms._common import (
     Params,
     State,
     batch_mask,
-    canonical_axes,
-    check_common_fields,
-    check_state_keys,
-    check_training,
-    check_x,
-    checked_affine,
+    check_batch_call,
+    check_batch_fields,
     feature_shape,
-    freeze,
     functional,
     init_params,
     init_running,
-    normalize_with,
     other_axes,
-    out_dtype,
-    running_keys,
+    running_output,
     stats_config,
     update_state,
 )
@@ -121,9 +113,7 @@ class BatchNorm:
     allow_single_value: bool = False
 
     def __post_init__(self) -> None:
-        checks.check_momentum(self.momentum)
-        freeze(self, axis=canonical_axes(self.axis, "axis"))
-        check_common_fields(self)
+        check_batch_fields(self)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; see :meth:`Normalizer.init`."""
@@ -140,19 +130,14 @@ class BatchNorm:
           ValueError: also for a single value per feature in training, unless
             ``allow_single_value``.
         """
-        training, x = check_training(training, "BatchNorm"), check_x(x)
-        feature_axes = checks.resolve_axes(self.axis, x.ndim)
-        check_state_keys(state, running_keys(self.momentum), "BatchNorm")
-        aff = checked_affine(self, params, x, feature_axes, "axis", running=state)
-        out = out_dtype(self, x)
+        training, c = check_batch_call(self, params, state, x, training)
         if not training:
-            y = normalize_with(x, state["mean"], state["var"], aff, feature_axes, self.epsilon, out)
-            return y, state
-        reduce_axes = other_axes(x.ndim, feature_axes)
-        mask = batch_mask(self, x.shape, reduce_axes, mask)
-        cfg = stats_config(self, reduce_axes, out)
-        y, *stats = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
-        return y, update_state(self, state, stats, aff.shape)
+            return running_output(self, state, c), state
+        reduce_axes = other_axes(c.x.ndim, c.feature_axes)
+        mask = batch_mask(self, c.x.shape, reduce_axes, mask)
+        cfg = stats_config(self, reduce_axes, c.out)
+        y, *stats = batch_normalize(c.x, c.affine.scale, c.affine.bias, mask, cfg)
+        return y, update_state(self, state, stats, c.affine.shape)
 
 
 batch_norm = functional(

@@ -11,32 +11,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
 from bn_jax._core.stats import moments
 from bn_jax.norms._common import (
-    Affine,
+    Call,
     Initializer,
     Mask,
     Params,
     State,
     batch_mask,
     broadcastable,
-    canonical_axes,
-    check_common_fields,
-    check_state_keys,
-    check_training,
-    check_x,
-    checked_affine,
+    check_batch_call,
+    check_batch_fields,
     feature_shape,
-    freeze,
     functional,
     init_params,
     init_running,
-    normalize_with,
     other_axes,
-    out_dtype,
-    running_keys,
+    running_output,
     stats_config,
     update_state,
 )
@@ -140,9 +132,7 @@ class BatchRenorm:
     dmax: Schedule = 5.0
 
     def __post_init__(self) -> None:
-        checks.check_momentum(self.momentum)
-        freeze(self, axis=canonical_axes(self.axis, "axis"))
-        check_common_fields(self)
+        check_batch_fields(self)
         _check_limit("rmax", self.rmax, 1.0)
         _check_limit("dmax", self.dmax, 0.0)
 
@@ -162,37 +152,27 @@ class BatchRenorm:
           ValueError: also for a state without ``"step"`` and, as
             :class:`BatchNorm`, a single value per feature in training.
         """
-        training, x = check_training(training, "BatchRenorm"), check_x(x)
         if "step" not in state:
             raise ValueError(
                 f"BatchRenorm: state has no 'step' (keys: {sorted(state)}); build it with "
                 f"BatchRenorm.init."
             )
-        check_state_keys(state, running_keys(self.momentum), "BatchRenorm")
-        feature_axes = checks.resolve_axes(self.axis, x.ndim)
-        aff = checked_affine(self, params, x, feature_axes, "axis", running=state)
-        out = out_dtype(self, x)
+        training, c = check_batch_call(self, params, state, x, training)
         if not training:
-            y = normalize_with(x, state["mean"], state["var"], aff, feature_axes, self.epsilon, out)
-            return y, state
-        reduce_axes = other_axes(x.ndim, feature_axes)
-        mask = batch_mask(self, x.shape, reduce_axes, mask)
-        scale, bias = _renorm_affine(self, state, x, aff, mask, feature_axes, reduce_axes)
-        y, *stats = batch_normalize(x, scale, bias, mask, stats_config(self, reduce_axes, out))
-        new_state = update_state(self, state, stats, aff.shape)
+            return running_output(self, state, c), state
+        reduce_axes = other_axes(c.x.ndim, c.feature_axes)
+        mask = batch_mask(self, c.x.shape, reduce_axes, mask)
+        scale, bias = _renorm_affine(self, state, c, mask, reduce_axes)
+        y, *stats = batch_normalize(c.x, scale, bias, mask, stats_config(self, reduce_axes, c.out))
+        new_state = update_state(self, state, stats, c.affine.shape)
         return y, {**new_state, "step": state["step"] + 1}
 
 
 def _renorm_affine(
-    norm: BatchRenorm,
-    state: State,
-    x: jax.Array,
-    aff: Affine,
-    mask: Mask,
-    feature_axes: tuple[int, ...],
-    reduce_axes: tuple[int, ...],
+    norm: BatchRenorm, state: State, c: Call, mask: Mask, reduce_axes: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
     """The effective ``(scale * r, bias + scale * d)`` of this training step."""
+    x, feature_axes, aff = c.x, c.feature_axes, c.affine
     # r and d need the batch statistics before normalizing; under jit XLA
     # shares this reduction with the identical one in batch_normalize.
     batch = moments(

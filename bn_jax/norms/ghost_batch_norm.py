@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
@@ -18,23 +17,18 @@ from bn_jax.norms._common import (
     Params,
     State,
     average_stats,
-    canonical_axes,
-    check_common_fields,
+    check_batch_call,
+    check_batch_fields,
     check_int,
     check_single_value,
-    check_state_keys,
-    check_training,
-    check_x,
-    checked_affine,
+    checked_mask,
     feature_shape,
     freeze,
     functional,
     init_params,
     init_running,
-    normalize_with,
     other_axes,
-    out_dtype,
-    running_keys,
+    running_output,
     stats_config,
     update_state,
 )
@@ -109,9 +103,7 @@ class GhostBatchNorm:
     virtual_batch_size: int
 
     def __post_init__(self) -> None:
-        checks.check_momentum(self.momentum)
-        freeze(self, axis=canonical_axes(self.axis, "axis"))
-        check_common_fields(self)
+        check_batch_fields(self)
         v = check_int("virtual_batch_size", self.virtual_batch_size, positive=True)
         freeze(self, virtual_batch_size=v)
 
@@ -131,19 +123,15 @@ class GhostBatchNorm:
             ``x.shape[0]``, ``axis`` includes axis 0, or a virtual batch has a
             single value per feature (unless ``allow_single_value``).
         """
-        training, x = check_training(training, "GhostBatchNorm"), check_x(x)
-        feature_axes = checks.resolve_axes(self.axis, x.ndim)
-        check_state_keys(state, running_keys(self.momentum), "GhostBatchNorm")
-        aff = checked_affine(self, params, x, feature_axes, "axis", running=state)
-        if 0 in feature_axes:
+        training, c = check_batch_call(self, params, state, x, training)
+        if 0 in c.feature_axes:
             raise ValueError(
                 f"GhostBatchNorm: axis={self.axis!r} includes axis 0, which is the batch axis "
                 f"split into virtual batches; put the batch first."
             )
-        out = out_dtype(self, x)
         if not training:
-            y = normalize_with(x, state["mean"], state["var"], aff, feature_axes, self.epsilon, out)
-            return y, state
+            return running_output(self, state, c), state
+        x, aff = c.x, c.affine
         v, batch = self.virtual_batch_size, x.shape[0]
         if batch % v:
             raise ValueError(
@@ -151,10 +139,9 @@ class GhostBatchNorm:
                 f"of {batch} examples (x.shape[0]); use a batch that is a multiple of {v} or "
                 f"a virtual_batch_size among the divisors of {batch}."
             )
-        mask = checks.check_mask(mask, x.shape)
-        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "GhostBatchNorm")
+        mask, _ = checked_mask(self, x.shape, mask)
         xg = x.reshape((batch // v, v, *x.shape[1:]))  # [virtual batch, example, ...]
-        reduce_g = other_axes(xg.ndim, tuple(a + 1 for a in feature_axes), first=1)
+        reduce_g = other_axes(xg.ndim, tuple(a + 1 for a in c.feature_axes), first=1)
         check_single_value(
             math.prod(xg.shape[i] for i in reduce_g),
             self.allow_single_value,
@@ -167,7 +154,7 @@ class GhostBatchNorm:
             mask = (
                 mask[None] if mask.shape[0] == 1 else mask.reshape((*xg.shape[:2], *mask.shape[1:]))
             )
-        cfg = stats_config(self, reduce_g, out, sync=False)  # each device its own batches
+        cfg = stats_config(self, reduce_g, c.out, sync=False)  # each device its own batches
         scale, bias = (None if a is None else a[None] for a in (aff.scale, aff.bias))
         y, mean, var, count = batch_normalize(xg, scale, bias, mask, cfg)
         # One update with the count-weighted average of the sub-batch statistics.

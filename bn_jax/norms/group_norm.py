@@ -22,6 +22,7 @@ from bn_jax.norms._common import (
     check_training,
     check_x,
     checked_affine,
+    checked_mask,
     freeze,
     functional,
     init_params,
@@ -178,8 +179,7 @@ class GroupNorm:
         aff = checked_affine(self, params, x, (c,), "feature_axis")
         channels = x.shape[c]
         groups = self._groups(channels)
-        mask = checks.check_mask(mask, x.shape)
-        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "GroupNorm")
+        mask, _ = checked_mask(self, x.shape, mask)
 
         # Split the channel axis c into (groups, channels per group) at c, c + 1.
         split = (*x.shape[:c], groups, channels // groups, *x.shape[c + 1 :])

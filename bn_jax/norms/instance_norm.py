@@ -25,6 +25,7 @@ from bn_jax.norms._common import (
     check_training,
     check_x,
     checked_affine,
+    checked_mask,
     feature_shape,
     freeze,
     functional,
@@ -161,8 +162,7 @@ class InstanceNorm:
             y = normalize_with(x, state["mean"], state["var"], aff, feature_axes, self.epsilon, out)
             return y, state
         reduce_axes = other_axes(x.ndim, feature_axes, first=1)
-        mask = checks.check_mask(mask, x.shape)
-        devices = checks.bound_axis_size(self.axis_name, self.axis_index_groups, "InstanceNorm")
+        mask, devices = checked_mask(self, x.shape, mask)
         check_single_value(
             math.prod(x.shape[i] for i in reduce_axes) * devices,
             self.allow_single_value,

@@ -9,20 +9,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bn_jax._core import checks
 from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
     Mask,
     Params,
     State,
-    canonical_axes,
-    check_common_fields,
-    check_training,
-    check_x,
-    checked_affine,
+    check_example_call,
+    check_example_fields,
     feature_shape,
-    freeze,
     functional,
     init_params,
     out_dtype,
@@ -85,12 +80,7 @@ class LayerNorm:
     use_fast_variance: bool = False
 
     def __post_init__(self) -> None:
-        freeze(
-            self,
-            reduction_axes=canonical_axes(self.reduction_axes, "reduction_axes"),
-            feature_axes=canonical_axes(self.feature_axes, "feature_axes"),
-        )
-        check_common_fields(self)
+        check_example_fields(self)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})``; see :meth:`Normalizer.init`."""
@@ -102,13 +92,7 @@ class LayerNorm:
     ) -> tuple[jax.Array, State]:
         """Normalizes each example over ``reduction_axes``; ``state`` (``{}``) is returned
         unchanged and ``training`` has no effect. See :meth:`Normalizer.apply`."""
-        check_training(training, "LayerNorm")
-        x = check_x(x)
-        reduce_axes = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
-        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
-        aff = checked_affine(self, params, x, feature_axes, "feature_axes")
-        mask = checks.check_mask(mask, x.shape)
-        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "LayerNorm")
+        x, reduce_axes, aff, mask = check_example_call(self, params, x, training, mask)
         cfg = stats_config(self, reduce_axes, out_dtype(self, x))
         y, _, _, _ = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
         return y, state

@@ -6,7 +6,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 
-from bn_jax.norms._common import Params, State
+from bn_jax.norms._common import Mask, Params, State
 
 
 @runtime_checkable
@@ -45,13 +45,7 @@ class Normalizer(Protocol):
         ...
 
     def apply(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        training: bool,
-        mask: jax.Array | None = None,
+        self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
         """Normalizes ``x``; returns ``(y, new_state)``.
 

@@ -18,13 +18,9 @@ from bn_jax.norms._common import (
     Mask,
     Params,
     State,
-    canonical_axes,
-    check_common_fields,
-    check_training,
-    check_x,
-    checked_affine,
+    check_example_call,
+    check_example_fields,
     feature_shape,
-    freeze,
     functional,
     init_params,
     out_dtype,
@@ -117,12 +113,7 @@ class RMSNorm:
     axis_index_groups: Sequence[Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
-        freeze(
-            self,
-            reduction_axes=canonical_axes(self.reduction_axes, "reduction_axes"),
-            feature_axes=canonical_axes(self.feature_axes, "feature_axes"),
-        )
-        check_common_fields(self)
+        check_example_fields(self)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``({"scale"}, {})``; see :meth:`Normalizer.init`."""
@@ -135,13 +126,7 @@ class RMSNorm:
         """Rescales each example by its root mean square over ``reduction_axes``; ``state``
         (``{}``) is returned unchanged and ``training`` has no effect. See
         :meth:`Normalizer.apply`."""
-        check_training(training, "RMSNorm")
-        x = check_x(x)
-        reduce_axes = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
-        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
-        aff = checked_affine(self, params, x, feature_axes, "feature_axes")
-        mask = checks.check_mask(mask, x.shape)
-        checks.bound_axis_size(self.axis_name, self.axis_index_groups, "RMSNorm")
+        x, reduce_axes, aff, mask = check_example_call(self, params, x, training, mask)
         y = rms_normalize(
             x,
             aff.scale,

@@ -20,8 +20,7 @@ from bn_jax.norms._common import (
     Params,
     State,
     batch_mask,
-    canonical_axes,
-    check_common_fields,
+    check_batch_fields,
     check_int,
     check_state_keys,
     check_training,
@@ -125,9 +124,7 @@ class SequenceBatchNorm:
     time_axis: int = 1
 
     def __post_init__(self) -> None:
-        checks.check_momentum(self.momentum)
-        freeze(self, axis=canonical_axes(self.axis, "axis"))
-        check_common_fields(self)
+        check_batch_fields(self)
         freeze(
             self,
             max_steps=check_int("max_steps", self.max_steps, positive=True),
@@ -253,7 +250,8 @@ def _apply_step(
         ), state
     reduce_axes = other_axes(x.ndim, feature_axes)
     mask = batch_mask(norm, x.shape, reduce_axes, mask)
-    y, *stats = batch_normalize(x, aff.scale, aff.bias, mask, stats_config(norm, reduce_axes, out))
+    cfg = stats_config(norm, reduce_axes, out)
+    y, *stats = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
     new = update_state(norm, old, stats, aff.shape)
     in_range = (step >= 0) & (step < norm.max_steps)
     return y, {
