@@ -72,7 +72,7 @@ WORKLOADS = ("fwd", "fwd+bwd", "eval")
 MODES = ("single", "network")
 # Units of x.nbytes a layer must move (read + write), per workload.
 BYTES_UNITS = {"fwd": 3, "fwd+bwd": 8, "eval": 2}
-# Issue 4 targets, as ratios measured by this benchmark.
+# Speed targets, as limits on the ratios this benchmark measures.
 TARGETS = {
     "fwd_vs_flax": 1.0,  # training forward no slower than flax
     "fwd+bwd_vs_flax": 0.6,  # single call and network
@@ -236,9 +236,8 @@ def _between_layers(h: jax.Array, i: int) -> jax.Array:
 
     In a real model a convolution or matmul reads each normalization's output
     from memory. In a bare chain of normalizations XLA:GPU instead recomputes
-    every layer's input from the first one inside each consumer (Flax's 4-layer
-    backward then held one activation instead of three, on an H100), which no
-    real model allows. The barrier stands in for that convolution.
+    every layer's input from the first one inside each consumer, which no real
+    model allows. The barrier stands in for that convolution.
     """
     return h if i == 0 else lax.optimization_barrier(h)
 
@@ -458,7 +457,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize_targets(cases: Sequence[Case]) -> list[dict[str, Any]]:
-    """The issue's targets, checked against the measured ratios."""
+    """The speed targets (``TARGETS``), checked against the measured ratios."""
     out = []
     for c in cases:
         if "bn_jax" not in c.times_ms:

@@ -95,8 +95,8 @@ def private_copies(v: Any) -> Any:
     it back. An optimization barrier keeps each pass's producer its own. On
     other platforms this is the identity: XLA:GPU fuses sibling reductions and
     duplicates cheap producers by itself, and a barrier there splits fusions
-    (measured on an H100: a 4-layer training forward took twice as long with
-    barriers). The platform is chosen at lowering time, not at trace time.
+    (docs/design.md). The platform is chosen at lowering time, not at trace
+    time.
     """
     return lax.platform_dependent(v, cpu=lax.optimization_barrier, default=lambda v: v)
 

@@ -84,9 +84,11 @@ class BatchRenorm:
         The paper starts at 1 and ramps up to 3.
       dmax: the bound on ``|d|`` (``>= 0``), a number or a callable of the
         step count; the paper ramps it from 0 up to 5.
-      momentum, epsilon, axis, axis_name, axis_index_groups, use_scale,
-        use_bias, scale_init, bias_init, dtype, param_dtype, use_fast_variance,
-        unbiased_running_var, allow_single_value: as in :class:`BatchNorm`.
+      **BatchNorm's fields**: ``momentum``, ``epsilon``, ``axis``,
+        ``axis_name``, ``axis_index_groups``, ``use_scale``, ``use_bias``,
+        ``scale_init``, ``bias_init``, ``dtype``, ``param_dtype``,
+        ``use_fast_variance``, ``unbiased_running_var`` and
+        ``allow_single_value``, with :class:`BatchNorm`'s meaning.
 
     State: ``{"mean", "var", "step"}`` (plus ``"count"`` when
     ``momentum=None``); ``step`` is an int32 scalar.

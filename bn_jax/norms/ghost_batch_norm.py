@@ -57,10 +57,12 @@ class GhostBatchNorm:
     Args:
       virtual_batch_size: examples per virtual batch (keyword only, required);
         it must divide the per-device batch ``x.shape[0]``.
-      momentum, epsilon, axis, axis_name, axis_index_groups, use_scale,
-        use_bias, scale_init, bias_init, dtype, param_dtype, use_fast_variance,
-        unbiased_running_var, allow_single_value: as in :class:`BatchNorm`,
-        except that ``axis`` may not include the batch axis 0.
+      **BatchNorm's fields**: ``momentum``, ``epsilon``, ``axis``,
+        ``axis_name``, ``axis_index_groups``, ``use_scale``, ``use_bias``,
+        ``scale_init``, ``bias_init``, ``dtype``, ``param_dtype``,
+        ``use_fast_variance``, ``unbiased_running_var`` and
+        ``allow_single_value``, with :class:`BatchNorm`'s meaning, except that
+        ``axis`` may not include the batch axis 0.
 
     Cross-device (``axis_name``): virtual batches are contiguous slices of
     one device's batch and are normalized there, with no communication in

@@ -80,10 +80,12 @@ class SequenceBatchNorm:
         (keyword only, required).
       time_axis: the time axis of a whole-sequence input (default 1: batch
         first); it may not be a feature axis.
-      momentum, epsilon, axis, axis_name, axis_index_groups, use_scale,
-        use_bias, scale_init, bias_init, dtype, param_dtype, use_fast_variance,
-        unbiased_running_var, allow_single_value: as in :class:`BatchNorm`;
-        ``axis`` names the feature axes of the whole-sequence layout.
+      **BatchNorm's fields**: ``momentum``, ``epsilon``, ``axis``,
+        ``axis_name``, ``axis_index_groups``, ``use_scale``, ``use_bias``,
+        ``scale_init``, ``bias_init``, ``dtype``, ``param_dtype``,
+        ``use_fast_variance``, ``unbiased_running_var`` and
+        ``allow_single_value``, with :class:`BatchNorm`'s meaning; ``axis``
+        names the feature axes of the whole-sequence layout.
 
     Conventions: those of :class:`BatchNorm` (``allow_single_value``
     included), per step. The paper also
