@@ -1,6 +1,8 @@
 """Benchmark bn_jax against flax.linen.BatchNorm (and Haiku / Equinox on request).
 
 Run ``python -m bn_jax.bench`` (``--help`` for options; ``--json`` for machines).
+``python -m bn_jax.bench --models`` times a full training step of whole models
+instead (ResNet-18, ResNet-50, a BatchNorm MLP; see :mod:`bn_jax.bench_models`).
 
 BatchNorm is memory-bound, so every time is reported next to three references
 measured in the same process:
@@ -72,11 +74,13 @@ WORKLOADS = ("fwd", "fwd+bwd", "eval")
 MODES = ("single", "network")
 # Units of x.nbytes a layer must move (read + write), per workload.
 BYTES_UNITS = {"fwd": 3, "fwd+bwd": 8, "eval": 2}
-# Speed targets, as limits on the ratios this benchmark measures.
+# Targets, as ratios measured by this benchmark: never behind Flax, training
+# within 15% of the fewest-pass program, eval within 5% of the elementwise floor.
 TARGETS = {
-    "fwd_vs_flax": 1.0,  # training forward no slower than flax
-    "fwd+bwd_vs_flax": 0.6,  # single call and network
-    "network_fwd+bwd_vs_bound": 1.3,
+    "fwd_vs_flax": 1.0,
+    "fwd+bwd_vs_flax": 1.0,
+    "fwd_vs_fewest_passes": 1.15,
+    "fwd+bwd_vs_fewest_passes": 1.15,
     "eval_vs_floor": 1.05,
 }
 
@@ -457,7 +461,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize_targets(cases: Sequence[Case]) -> list[dict[str, Any]]:
-    """The speed targets (``TARGETS``), checked against the measured ratios."""
+    """The :data:`TARGETS`, checked against the measured ratios."""
     out = []
     for c in cases:
         if "bn_jax" not in c.times_ms:
@@ -467,8 +471,8 @@ def summarize_targets(cases: Sequence[Case]) -> list[dict[str, Any]]:
         checks = []  # (target, reference time the ratio is taken to)
         if c.workload in ("fwd", "fwd+bwd") and "flax" in c.times_ms:
             checks.append((f"{c.workload}_vs_flax", c.times_ms["flax"]))
-        if c.workload == "fwd+bwd" and c.mode == "network":
-            checks.append(("network_fwd+bwd_vs_bound", c.bound_ms))
+        if c.workload in ("fwd", "fwd+bwd"):
+            checks.append((f"{c.workload}_vs_fewest_passes", c.minimal_ms))
         if c.workload == "eval":
             checks.append(("eval_vs_floor", c.floor_ms))
         if c.workload == "fwd+bwd" and "flax" in c.temp_bytes:
@@ -588,7 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with the elementwise floor and the bytes-moved bound.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document only")
-    p.add_argument("--repeats", type=int, default=15, help="timed runs per case (median)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="timed runs per case (median); default 15, with --models 7",
+    )
     p.add_argument("--layers", type=int, default=4, help="layers in network mode")
     p.add_argument(
         "--shape",
@@ -607,12 +615,31 @@ def build_parser() -> argparse.ArgumentParser:
         "default bn_jax and flax",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    models = p.add_argument_group("model rows (--models)")
+    models.add_argument(
+        "--models",
+        action="store_true",
+        help="time a full training step of whole models (ResNet-18, ResNet-50, BN-MLP) with "
+        "bn_jax's linen drop-in against Flax's layer, instead of single layers",
+    )
+    models.add_argument(
+        "--model", action="append", help="only these models (repeatable); default all"
+    )
+    models.add_argument(
+        "--compiles", type=int, default=3, help="fresh compiles per model (median); default 3"
+    )
+    models.add_argument(
+        "--tiny", action="store_true", help="tiny model configurations (a smoke run)"
+    )
     return p
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns the JSON-ready report (also printed)."""
     args = build_parser().parse_args(argv)
+    if args.models:
+        return _run_models(args, argv)
+    args.repeats = 15 if args.repeats is None else args.repeats
     if args.repeats < 1 or args.layers < 1:
         raise SystemExit("--repeats and --layers must be positive")
     shapes = _parse_shapes(args.shape)
@@ -655,6 +682,43 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(report, indent=1))
     else:
         print(_text_report(report, cases, libraries))
+    return report
+
+
+def _run_models(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    try:
+        from bn_jax import bench_models
+    except ImportError as e:
+        raise SystemExit(
+            f"--models needs flax and optax ({e}); install them with pip install 'bn_jax[bench]'"
+        ) from None
+
+    repeats = 7 if args.repeats is None else args.repeats
+    results = bench_models.run_models(
+        args.model, args.library, tiny=args.tiny, repeats=repeats, compiles=args.compiles
+    )
+    libraries = list(results[0].step_ms) if results else []
+    report = {
+        "machine": machine_info(),
+        "command": "python -m bn_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {
+            "repeats": repeats,
+            "compiles": args.compiles,
+            "tiny": args.tiny,
+            "libraries": libraries,
+        },
+        "models": [dataclasses.asdict(r) for r in results],
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        m = report["machine"]
+        print(
+            f"machine: {m['device']} ({m['backend']}), {m['cpu_count']} cores, {m['platform']}; "
+            f"jax {m['jax']}\ntraining step (forward, loss, gradient, optax update, new "
+            f"statistics): median of {repeats} interleaved steps; compile: median of "
+            f"{args.compiles} fresh compiles\n\n" + bench_models.format_models(results, libraries)
+        )
     return report
 
 

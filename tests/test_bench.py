@@ -56,7 +56,8 @@ def test_targets_report_value_limit_and_verdict(report):
     assert names == {
         "fwd_vs_flax",
         "fwd+bwd_vs_flax",
-        "network_fwd+bwd_vs_bound",
+        "fwd_vs_fewest_passes",
+        "fwd+bwd_vs_fewest_passes",
         "eval_vs_floor",
         "temp_bytes",
     }
@@ -160,3 +161,51 @@ def test_minimal_program_makes_the_fewest_passes(workload, mode):
     per_layer = 2 if workload == "fwd" else 4
     assert len(re.findall(r"stablehlo.reduce\b", text)) == per_layer * layers
     assert bench._make_minimal("eval", mode, 3) is None
+
+
+def test_models_report_structure():
+    """``--models`` on the tiny MLP row: one entry per library and metric, through JSON."""
+    from bn_jax import bench_models
+
+    argv = ["--models", "--tiny", "--model", "bn_mlp", "--repeats", "1", "--compiles", "1"]
+    report = json.loads(json.dumps(bench.run([*argv, "--json"])))
+    assert report["settings"] == {
+        "repeats": 1,
+        "compiles": 1,
+        "tiny": True,
+        "libraries": ["bn_jax", "flax"],
+    }
+    (row,) = report["models"]
+    assert row["model"] == "bn_mlp" and row["input_shape"] == [16, 32]
+    fields = ("step_ms", "compile_s", "temp_bytes", "hlo_ops", "stablehlo_ops")
+    for field in fields:
+        assert set(row[field]) == {"bn_jax", "flax"}, field
+        for v in row[field].values():
+            assert v is None or v > 0, (field, v)
+    result = bench_models.ModelResult(**{**row, "input_shape": tuple(row["input_shape"])})
+    table = bench_models.format_models([result], ["bn_jax", "flax"])
+    for label in ("step ms", "compile s", "temp MiB", "HLO ops", "StableHLO ops", "bn_jax/flax"):
+        assert label in table
+
+
+def test_model_registry_builds_every_row_with_each_library():
+    """Each registered model, tiny, gives logits for its labels with bn_jax's drop-in,
+    Flax's layer and no normalization; the two libraries' variables have the same tree."""
+    import jax
+
+    from bn_jax import bench_models
+
+    assert {"resnet18", "resnet50", "bn_mlp"} <= set(bench_models.MODELS)
+    for name, builder in bench_models.MODELS.items():
+        trees = {}
+        for lib in bench_models.MODEL_LIBRARIES:
+            m = builder(lib, True)
+            variables = jax.eval_shape(
+                lambda m=m: m.module.init(jax.random.key(0), m.x, train=False)
+            )
+            logits = jax.eval_shape(lambda v, m=m: m.module.apply(v, m.x, train=False), variables)
+            assert logits.shape[0] == m.labels.shape[0], (name, lib)
+            trees[lib] = jax.tree.structure(variables)
+        assert trees["bn_jax"] == trees["flax"], name
+    with pytest.raises(SystemExit, match="unknown models"):
+        bench.run(["--models", "--model", "nope"])
