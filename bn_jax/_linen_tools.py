@@ -101,9 +101,12 @@ def recalibrate(
         def forward(v, batch):
             return model.apply(v, batch, mutable=True)
 
+    unbiased: dict[Path, bool] = {}  # each layer's variance convention, seen when tracing
+
     def moments(v, batch):
         calls: dict[Path, list] = {}
         axes: dict[Path, Any] = {}
+        active: set[Path] = set()
 
         def tap(next_fun, args, kwargs, context):
             module = context.module
@@ -116,7 +119,6 @@ def recalibrate(
                     return _reentrant(active, path, next_fun, args, kwargs)
             return next_fun(*args, **kwargs)
 
-        active: set[Path] = set()
         with nn.intercept_methods(tap):
             forward(v, batch)
         out = {}
@@ -125,7 +127,6 @@ def recalibrate(
             check_stats_shape(_stats_at(v, path), out[path], path)
         return out
 
-    unbiased: dict[Path, bool] = {}  # filled when ``moments`` is traced
     step = jax.jit(moments)
 
     def write(v, new):
@@ -139,7 +140,7 @@ def recalibrate(
 
     out = pool_passes(
         lambda v, batch: (step(v, batch), v),
-        variables,
+        _plain(variables),  # one pytree type for every pass
         batches,
         old_stats=lambda v, keys: {p: dict(_stats_at(v, p)) for p in keys},
         unbiased=unbiased.get,
