@@ -153,8 +153,8 @@ def recalibrate(
         total=total,
     )
     for key, module in norms.items():
-        module.mean[...] = stats[key]["mean"]
-        module.var[...] = stats[key]["var"]
+        module.mean.set_value(stats[key]["mean"])
+        module.var.set_value(stats[key]["var"])
 
 
 class FoldedBatchNorm(nnx.Module):
@@ -262,12 +262,12 @@ def fold(model: nnx.Module, *args: Any, **kwargs: Any) -> nnx.Module:
             {"mean": norm.mean[...], "var": norm.var[...]},
             epsilon=norm.epsilon,
         )
-        layer.kernel[...] = kernel
+        layer.kernel.set_value(kernel)
         if layer.bias is None:
             layer.bias = nnx.Param(bias)
             layer.use_bias = True
         else:
-            layer.bias[...] = bias
+            layer.bias.set_value(bias)
         replaced[norm_call.path] = FoldedBatchNorm(str(norm_call.out_dtype))
     return nnx.recursive_map(lambda path, node: replaced.get(path, node), folded)
 

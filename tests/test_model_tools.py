@@ -23,6 +23,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -155,26 +156,50 @@ class Net(nn.Module):
         return nn.Dense(3)(nn.relu(x))
 
 
-def _perturbed(variables, seed):
-    """Non-trivial parameters and running statistics (init gives scale 1, mean 0, var 1)."""
+def random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """A non-trivial float32 value for a variable (init gives scale 1, mean 0, var 1).
+
+    Drawn with NumPy into the shapes of ``jax.eval_shape(init)``: compiling
+    the random initializers of a model costs far more than the tests.
+    """
+    if name == "kernel":
+        value = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape)
+    elif name == "scale":
+        value = rng.uniform(0.5, 1.5, shape)
+    elif name == "var":
+        value = rng.uniform(0.5, 2.0, shape)
+    else:  # bias, mean
+        value = rng.normal(0, 0.5, shape)
+    return value.astype(np.float32)
+
+
+def random_variables(model, *args, seed=0, **kwargs):
+    """Variables of a linen model with the structure ``model.init`` gives, random values."""
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(
-        lambda a: a + rng.normal(0, 0.3, a.shape).astype(a.dtype), variables["params"]
+    shapes = jax.eval_shape(partial(model.init, **kwargs), jax.random.key(0), *args)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, s: random_value(p[-1].key, s.shape, rng), flax.core.unfreeze(shapes)
     )
-    stats = jax.tree_util.tree_map_with_path(
-        lambda p, a: (
-            rng.uniform(0.5, 2.0, a.shape) if p[-1].key == "var" else rng.normal(0, 0.5, a.shape)
-        ).astype(a.dtype),
-        variables["batch_stats"],
-    )
-    return {"params": params, "batch_stats": stats}
+
+
+def random_nnx(make, seed=0):
+    """The nnx model ``make()`` builds, with random values and no initializer compiled."""
+    rng = np.random.default_rng(seed)
+    model = nnx.eval_shape(make)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.RngKey):
+            var.set_value(jax.random.key(seed))
+        elif isinstance(var, nnx.RngCount):
+            var.set_value(jnp.zeros(var.shape, jnp.uint32))
+        elif isinstance(var, nnx.Variable):
+            var.set_value(jnp.asarray(random_value(path[-1], var.shape, rng)))
+    return model
 
 
 @pytest.fixture(scope="module")
 def linen_net():
     model = Net()
-    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), BATCHES[0])
-    return model, _perturbed(variables, 1)
+    return model, random_variables(model, BATCHES[0], seed=1, train=False)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -271,7 +296,7 @@ def test_linen_layer_applied_twice_and_masks():
     model = Twice()
     x = RNG.normal(2.0, 1.5, size=(12, 3)).astype(np.float32)
     masks = RNG.random((12, 1)) < 0.7
-    variables = _perturbed(model.init(jax.random.key(1), x[:2], train=False), 2)
+    variables = random_variables(model, x[:2], seed=2, train=False)
     prm = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
     w, b = prm["Dense_0"]["kernel"], prm["Dense_0"]["bias"]
 
@@ -394,24 +419,9 @@ def nnx_batch_stats(model, x) -> dict:
     return _nnx_stats(copy)
 
 
-@nnx.jit
-def _make_nnet():
-    return NNet(rngs=nnx.Rngs(0))
-
-
 @pytest.fixture(scope="module")
 def nnx_base():
-    model = _make_nnet()
-    rng = np.random.default_rng(3)
-    for _, m in nnx.iter_modules(model):
-        for name in ("kernel", "bias", "scale"):
-            v = getattr(m, name, None)
-            if isinstance(v, nnx.Param):
-                v[...] = v[...] + rng.normal(0, 0.3, v.shape).astype(np.float32)
-        if isinstance(m, nnx.BatchNorm):
-            m.mean[...] = rng.normal(0, 0.5, m.mean.shape).astype(np.float32)
-            m.var[...] = rng.uniform(0.5, 2.0, m.var.shape).astype(np.float32)
-    return model
+    return random_nnx(lambda: NNet(rngs=nnx.Rngs(0)), seed=3)
 
 
 @pytest.fixture
@@ -455,14 +465,17 @@ def test_nnx_recalibrate_advances_dropout_between_batches(nnx_net):
 def test_nnx_fold_matches_eval_model(nnx_net):
     model = nnx_net
     model.eval()
+    before = jax.tree.map(np.array, nnx.state(model, nnx.Param, nnx.BatchStat))
     folded = bn_jax.nnx.fold(model, BATCHES[0])
+    # The original is untouched.
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param, nnx.BatchStat), before)
     modules = dict(nnx.iter_modules(folded))
     kinds = {"/".join(map(str, p)): type(m).__name__ for p, m in modules.items()}
     folded_norms = {k for k, v in kinds.items() if v == "FoldedBatchNorm"}
     assert folded_norms == NNX_FOLDED
     assert all(kinds[n] == "BatchNorm" for n in NNX_NOT_FOLDED)
     assert modules[("block2", "conv_proj")].bias.shape == (8,)
-    assert model.conv.bias is None  # the original is untouched
+    assert model.conv.bias is None
     _close(nnx_apply(folded, X_NEW), nnx_apply(model, X_NEW), 1e-5)
     folded.train()
     with pytest.raises(ValueError, match="folded into the layer before it"):
@@ -507,7 +520,10 @@ def test_nnx_layer_applied_twice_and_masks():
     np.testing.assert_allclose(model.norm.var[...], var, rtol=1e-5)
 
     model.eval()
+    kernel = np.array(model.dense.kernel[...])
+    model.dense.kernel.set_value(kernel.copy())  # a NumPy value: in-place writes would show
     folded = bn_jax.nnx.fold(model, x)
+    np.testing.assert_array_equal(model.dense.kernel[...], kernel)
     assert type(folded.norm).__name__ == "FoldedBatchNorm"
     _close(folded(x), model(x), 1e-5)
     assert type(bn_jax.nnx.fold(model, x, mask=masks).norm) is nnx.BatchNorm
