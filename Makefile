@@ -35,7 +35,7 @@ format: $(VENV)/.installed-test
 
 # Pages' code cells are executed; notebooks keep their stored outputs.
 docs: $(VENV)/.installed-test
-	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -j 2 -W --keep-going -q -b html docs docs/_build/html
 
 # The browser test opens the site built by `docs`; it must run here, not skip.
 test: lint docs
