@@ -554,37 +554,25 @@ def test_sequence_channels_first_layout():
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("cls", "fn", "cfg", "extra"),
-    [
-        (bn_jax.BatchRenorm, bn_jax.batch_renorm, {"rmax": 2.0}, {}),
-        (bn_jax.GhostBatchNorm, bn_jax.ghost_batch_norm, {"virtual_batch_size": 2}, {}),
-        (bn_jax.SequenceBatchNorm, bn_jax.sequence_batch_norm, {"max_steps": 2}, {}),
-        (
-            bn_jax.SequenceBatchNorm,
-            bn_jax.sequence_batch_norm,
-            {"max_steps": 2, "time_axis": 0},
-            {"step": 1},
-        ),
-        (bn_jax.GroupNorm, bn_jax.group_norm, {"num_groups": 2}, {}),
-        (bn_jax.InstanceNorm, bn_jax.instance_norm, {"track_running_stats": True}, {}),
-        (bn_jax.LayerNorm, bn_jax.layer_norm, {"epsilon": 1e-3}, {}),
-        (bn_jax.RMSNorm, bn_jax.rms_norm, {"epsilon": 1e-3}, {}),
-    ],
-)
-def test_functional_forms(cls, fn, cfg, extra):
-    norm = cls(**cfg)
-    params, state = norm.init(4)
-    x = rand((4, 3, 4))
-    if "step" in extra:
-        x = x[:, 0]
+def test_functional_sequence_batch_norm_step_mode():
+    """The one functional form with an extra argument (``step``), time-major; the
+    other functional forms are checked over the registry in tests/test_api.py."""
+    cfg = {"max_steps": 2, "time_axis": 0}
+    norm = bn_jax.SequenceBatchNorm(**cfg)
+    params, state = rand_affine(norm, 4)
+    x = rand((4, 4))  # one time step of [time, batch, features]
     for training in (True, False):
-        a = run(norm, params, state, x, training=training, **extra)
-        b = jax.jit(lambda p, s, x, tr=training: fn(p, s, x, training=tr, **extra, **cfg))(
-            params, state, x
-        )
+        a = run(norm, params, state, x, training=training, step=1)
+        b = jax.jit(
+            lambda p, s, x, tr=training: bn_jax.sequence_batch_norm(
+                p, s, x, training=tr, step=1, **cfg
+            )
+        )(params, state, x)
         jax.tree.map(np.testing.assert_array_equal, a, b)
-    assert norm == cls(**cfg) and hash(norm) == hash(cls(**cfg))
+    # the step reached the state: slot 1 moved, slot 0 did not
+    _, new = run(norm, params, state, x, training=True, step=1)
+    np.testing.assert_array_equal(new["mean"][0], state["mean"][0])
+    assert not np.allclose(new["mean"][1], state["mean"][1])
 
 
 def test_errors_group_norm():

@@ -40,20 +40,21 @@ def check_epsilon(epsilon: float) -> None:
         raise ValueError(f"epsilon must be a positive finite float, got {epsilon!r}.")
 
 
-def canonical_axis(axis: int | Sequence[int]) -> int | tuple[int, ...]:
-    """Validates the type of ``axis`` when a normalizer is built."""
+def canonical_axis(axis: int | Sequence[int], name: str = "axis") -> int | tuple[int, ...]:
+    """``axis`` as an int or a tuple of ints (hashable), or a TypeError naming ``name``."""
+    error = TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}.")
     if isinstance(axis, bool):
-        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
+        raise error
     if isinstance(axis, (int, np.integer)):
         return int(axis)
     try:
         axes = tuple(axis)
     except TypeError:
-        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.") from None
+        raise error from None
     if not axes or not all(
         isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes
     ):
-        raise TypeError(f"axis must be an int or a non-empty tuple of ints, got {axis!r}.")
+        raise error
     return tuple(int(a) for a in axes)
 
 

@@ -55,7 +55,7 @@ def check_common_fields(norm: Any) -> None:
 def check_batch_fields(norm: Any) -> None:
     """Validates a BatchNorm-like ``norm``: ``momentum``, ``axis`` and the common fields."""
     checks.check_momentum(norm.momentum)
-    freeze(norm, axis=canonical_axes(norm.axis, "axis"))
+    freeze(norm, axis=checks.canonical_axis(norm.axis, "axis"))
     check_common_fields(norm)
 
 
@@ -64,18 +64,10 @@ def check_example_fields(norm: Any) -> None:
     common fields."""
     freeze(
         norm,
-        reduction_axes=canonical_axes(norm.reduction_axes, "reduction_axes"),
-        feature_axes=canonical_axes(norm.feature_axes, "feature_axes"),
+        reduction_axes=checks.canonical_axis(norm.reduction_axes, "reduction_axes"),
+        feature_axes=checks.canonical_axis(norm.feature_axes, "feature_axes"),
     )
     check_common_fields(norm)
-
-
-def canonical_axes(axes: Any, name: str) -> int | tuple[int, ...]:
-    """``checks.canonical_axis`` with a TypeError that names the field."""
-    try:
-        return checks.canonical_axis(axes)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a tuple of ints, got {axes!r}.") from None
 
 
 def check_int(name: str, value: Any, *, positive: bool = False) -> int:

@@ -18,7 +18,6 @@ from bn_jax.norms._common import (
     Params,
     State,
     average_stats,
-    canonical_axes,
     check_common_fields,
     check_single_value,
     check_state_keys,
@@ -124,7 +123,7 @@ class InstanceNorm:
 
     def __post_init__(self) -> None:
         checks.check_momentum(self.momentum)
-        freeze(self, feature_axes=canonical_axes(self.feature_axes, "feature_axes"))
+        freeze(self, feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"))
         check_common_fields(self)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
