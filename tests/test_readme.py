@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 import re
 
+from tests.devices import cpu_only
+
 README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
 
@@ -45,6 +47,7 @@ def _close(table_value: str, measured: str) -> bool:
     return abs(float(table_value) - float(measured)) <= 0.5 * 10.0**-decimals + 1e-12
 
 
+@cpu_only  # the table says what XLA:CPU compiles
 def test_the_comparison_table_is_what_the_block_prints(capsys):
     printed = run(block("Check the numbers"), capsys)
     pattern = (
@@ -67,6 +70,11 @@ def test_the_comparison_table_is_what_the_block_prints(capsys):
     assert _close(exact_quoted, measured["bn_jax"][3])
     # bn_jax's statistics of a NaN batch are the ones it started with
     assert measured["bn_jax"][1] == "0.0"
+    # and the versions the table names are the ones that printed it
+    import flax
+    import jax
+
+    assert f"(Flax {flax.__version__}, jax {jax.__version__}, CPU;" in " ".join(README.split())
 
 
 def test_relative_links_point_at_files():
