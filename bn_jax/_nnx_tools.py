@@ -114,8 +114,8 @@ def recalibrate(
         for path, module in nnx.iter_modules(m):
             key = _key(path)
             if key in stats:
-                module.mean[...] = stats[key]["mean"]
-                module.var[...] = stats[key]["var"]
+                module.mean.set_value(stats[key]["mean"])
+                module.var.set_value(stats[key]["var"])
                 targets[id(module)] = (key, module)
         calls: dict[Path, list] = {}
 
