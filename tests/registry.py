@@ -199,7 +199,10 @@ NORMALIZERS: dict[str, Entry] = {
         "feature_axes",
         lambda x, p, cfg: (ref.layer_norm(x, *_affine(p), eps=_eps(cfg, 1e-6)), {}),
         lambda config: {},
-        variants={"two_axes": (TWO_AXES, False)},
+        variants={
+            "two_axes": (TWO_AXES, False),
+            "memory_efficient": ({"memory_efficient": True}, False),
+        },
         split=("reduced", TWO_AXES),
     ),
     "RMSNorm": Entry(
@@ -209,7 +212,10 @@ NORMALIZERS: dict[str, Entry] = {
         "feature_axes",
         lambda x, p, cfg: (ref.rms_norm(x, p.get("scale"), eps=_eps(cfg, 1e-6)), {}),
         lambda config: {},
-        variants={"two_axes": (TWO_AXES, False)},
+        variants={
+            "two_axes": (TWO_AXES, False),
+            "memory_efficient": ({"memory_efficient": True}, False),
+        },
         split=("reduced", TWO_AXES),
     ),
 }

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bn_jax._core.memory_efficient import layer_norm_saving_output
 from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
@@ -55,6 +56,12 @@ class LayerNorm:
         as in ``flax.linen.LayerNorm``. Not needed for data parallelism.
       axis_index_groups: merge within these groups of devices only.
       use_fast_variance: ``E[x^2] - E[x]^2`` instead of the shifted formula.
+      memory_efficient: compute the backward pass from the output ``y`` and
+        the per-row statistics, so that training does not keep ``x`` (the
+        matmul after a transformer's norm keeps ``y`` anyway). Same outputs,
+        gradients equal to float rounding while ``|scale|`` is not tiny next
+        to ``|bias|``; reverse mode only (``jax.jvp`` raises). See the
+        memory-efficient page of the docs.
 
     Example::
 
@@ -78,6 +85,7 @@ class LayerNorm:
     axis_name: Hashable | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
+    memory_efficient: bool = False
 
     def __post_init__(self) -> None:
         check_example_fields(self)
@@ -94,6 +102,8 @@ class LayerNorm:
         unchanged and ``training`` has no effect. See :meth:`Normalizer.apply`."""
         x, reduce_axes, aff, mask = check_example_call(self, params, x, training, mask)
         cfg = stats_config(self, reduce_axes, out_dtype(self, x))
+        if self.memory_efficient:
+            return layer_norm_saving_output(x, aff.scale, aff.bias, mask, cfg), state
         y, _, _, _ = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
         return y, state
 

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax._core import checks
+from bn_jax._core.memory_efficient import rms_norm_saving_output
+from bn_jax._core.normalize import StatsConfig
 from bn_jax._core.stats import group_sum
 from bn_jax.norms._common import (
     Initializer,
@@ -91,6 +93,11 @@ class RMSNorm:
       axis_name: a mapped axis over which the reduced axes are split
         (model/sequence parallelism), as in ``flax.linen.RMSNorm``.
       axis_index_groups: merge within these groups of devices only.
+      memory_efficient: compute the backward pass from the output ``y`` and
+        the per-row statistics, so that training does not keep ``x`` (the
+        matmul after a transformer's norm keeps ``y`` anyway). Same outputs,
+        gradients equal to float rounding; reverse mode only (``jax.jvp``
+        raises). See the memory-efficient page of the docs.
 
     Example::
 
@@ -111,6 +118,7 @@ class RMSNorm:
     feature_axes: int | tuple[int, ...] = -1
     axis_name: Hashable | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
+    memory_efficient: bool = False
 
     def __post_init__(self) -> None:
         check_example_fields(self)
@@ -127,6 +135,15 @@ class RMSNorm:
         (``{}``) is returned unchanged and ``training`` has no effect. See
         :meth:`Normalizer.apply`."""
         x, reduce_axes, aff, mask = check_example_call(self, params, x, training, mask)
+        if self.memory_efficient:
+            cfg = StatsConfig(
+                axes=reduce_axes,
+                epsilon=float(self.epsilon),
+                out_dtype=out_dtype(self, x),
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+            )
+            return rms_norm_saving_output(x, aff.scale, mask, cfg), state
         y = rms_normalize(
             x,
             aff.scale,
