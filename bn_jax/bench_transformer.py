@@ -8,9 +8,11 @@ built four times from the same code: with ``flax.linen.LayerNorm`` (or
 place of every norm. One training step is the forward pass, softmax
 cross-entropy, the gradient and an SGD update. Per variant it reports the
 step time (median of interleaved repeats: each repeat runs every variant once,
-in rotating order) and the compiled temporary memory
-(``memory_analysis().temp_size_in_bytes``), and both as ratios to the model
-without normalization and to bn_jax's plain layer.
+in rotating order), the CPU time of the process during the step (less
+sensitive than wall time to other work on a shared machine) and the compiled
+temporary memory (``memory_analysis().temp_size_in_bytes``), with memory as a
+ratio to the model without normalization and times as ratios to bn_jax's
+plain layer.
 
 Run it with ``python -m bn_jax.bench_transformer`` (``--help`` for options).
 """
@@ -41,17 +43,20 @@ class TransformerResult:
     sizes: dict[str, int]
     step_ms: dict[str, float]
     temp_bytes: dict[str, int | None]
+    cpu_ms: dict[str, float]
 
     def ratios(self) -> dict[str, dict[str, float | None]]:
         """Each variant's memory over the no-normalization model's and its time over
         bn_jax's plain layer's (None where that variant was not run)."""
         none, plain = self.temp_bytes.get("none"), self.step_ms.get("bn_jax")
+        plain_cpu = self.cpu_ms.get("bn_jax")
         out = {}
         for v, ms in self.step_ms.items():
             temp = self.temp_bytes[v]
             out[v] = {
                 "temp_vs_none": None if not none or temp is None else temp / none,
                 "time_vs_bn_jax": None if not plain else ms / plain,
+                "cpu_time_vs_bn_jax": None if not plain_cpu else self.cpu_ms[v] / plain_cpu,
             }
         return out
 
@@ -139,31 +144,41 @@ def run_transformer(
         mem = compiled[v].memory_analysis()
         temp[v] = None if mem is None else int(mem.temp_size_in_bytes)
     times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     for v in variants:  # warm-up
         params[v] = jax.block_until_ready(compiled[v](params[v], tokens, labels))[0]
     for r in range(repeats):
         k = r % len(variants)
         for v in list(variants[k:]) + list(variants[:k]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             params[v] = jax.block_until_ready(compiled[v](params[v], tokens, labels))[0]
             times[v].append(time.perf_counter() - t0)
+            cpu[v].append(time.process_time() - c0)
     step_ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
-    return TransformerResult(norm, dict(sizes), step_ms, temp)
+    cpu_ms = {v: 1e3 * statistics.median(t) for v, t in cpu.items()}
+    return TransformerResult(norm, dict(sizes), step_ms, temp, cpu_ms)
 
 
 def format_result(result: TransformerResult) -> str:
     """One table per norm: step ms, temporary MiB and the two ratios per variant."""
     ratios = result.ratios()
-    rows = [("variant", "step ms", "temp MiB", "temp / none", "time / bn_jax")]
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    head = ("variant", "step ms", "CPU ms", "temp MiB", "temp / none", "time / bn_jax")
+    rows = [(*head, "CPU time / bn_jax")]
     for v, ms in result.step_ms.items():
         t, r = result.temp_bytes[v], ratios[v]
         rows.append(
             (
                 v,
                 f"{ms:.1f}",
+                f"{result.cpu_ms[v]:.1f}",
                 "-" if t is None else f"{t / 2**20:.1f}",
-                "-" if r["temp_vs_none"] is None else f"{r['temp_vs_none']:.3f}",
-                "-" if r["time_vs_bn_jax"] is None else f"{r['time_vs_bn_jax']:.3f}",
+                fmt(r["temp_vs_none"]),
+                fmt(r["time_vs_bn_jax"]),
+                fmt(r["cpu_time_vs_bn_jax"]),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -180,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "temporary memory, as ratios.",
     )
     p.add_argument("--norm", action="append", choices=NORMS, help="default both")
+    p.add_argument("--variant", action="append", choices=VARIANTS, help="default all (repeatable)")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--json", action="store_true", help="print one JSON document only")
@@ -191,7 +207,11 @@ def main(argv: Sequence[str] | None = None) -> list[TransformerResult]:
     args = build_parser().parse_args(argv)
     if args.repeats < 1:
         raise SystemExit("--repeats must be positive")
-    results = [run_transformer(n, repeats=args.repeats, tiny=args.tiny) for n in args.norm or NORMS]
+    variants = args.variant or VARIANTS
+    results = [
+        run_transformer(n, variants=variants, repeats=args.repeats, tiny=args.tiny)
+        for n in args.norm or NORMS
+    ]
     if args.json:
         doc = [{**dataclasses.asdict(r), "ratios": r.ratios()} for r in results]
         print(json.dumps(doc, indent=1))
