@@ -199,6 +199,46 @@ def bn_mlp(library: str, tiny: bool) -> Model:
     return Model(MLP(hidden, depth, 10, norm_class(library, "BatchNorm")), x, y)
 
 
+def _transformer(library: str, tiny: bool, norm: str, memory_efficient: bool) -> Model:
+    """The pre-norm transformer of :mod:`bn_jax.bench_transformer` with ``norm``."""
+    from bn_jax import bench_transformer
+
+    cls = norm_class(library, norm)
+    if memory_efficient and library == "bn_jax":
+        cls = partial(cls, memory_efficient=True)
+    sizes = bench_transformer.TINY if tiny else bench_transformer.FULL
+    kx, ky = jax.random.split(jax.random.key(0))
+    shape = (sizes["batch"], sizes["seq"])
+    tokens = jax.random.randint(kx, shape, 0, sizes["vocab"])
+    labels = jax.random.randint(ky, shape, 0, sizes["vocab"])
+    return Model(bench_transformer.make_model(cls, sizes), tokens, labels)
+
+
+@register("transformer_ln")
+def transformer_ln(library: str, tiny: bool) -> Model:
+    """4-block pre-LayerNorm transformer LM: d_model 256, 4 heads, batch 8 of 256
+    tokens, vocabulary 1024 (tiny: 2 blocks, d_model 32, batch 2 of 16)."""
+    return _transformer(library, tiny, "LayerNorm", memory_efficient=False)
+
+
+@register("transformer_ln_memory_efficient")
+def transformer_ln_memory_efficient(library: str, tiny: bool) -> Model:
+    """``transformer_ln`` with ``bn_jax.linen.LayerNorm(memory_efficient=True)``."""
+    return _transformer(library, tiny, "LayerNorm", memory_efficient=True)
+
+
+@register("transformer_rms")
+def transformer_rms(library: str, tiny: bool) -> Model:
+    """``transformer_ln`` with RMSNorm."""
+    return _transformer(library, tiny, "RMSNorm", memory_efficient=False)
+
+
+@register("transformer_rms_memory_efficient")
+def transformer_rms_memory_efficient(library: str, tiny: bool) -> Model:
+    """``transformer_ln`` with ``bn_jax.linen.RMSNorm(memory_efficient=True)``."""
+    return _transformer(library, tiny, "RMSNorm", memory_efficient=True)
+
+
 # ----------------------------------------------------------------------------
 # The training step and its measurements.
 

@@ -80,7 +80,12 @@ def norm_factory(variant: str, norm: str) -> Callable[[], Any]:
 
 
 def make_model(norm: Callable[[], Any], sizes: dict[str, int]) -> Any:
-    """The pre-norm transformer language model as a ``flax.linen`` module."""
+    """The pre-norm transformer language model as a ``flax.linen`` module.
+
+    ``norm()`` makes one normalization layer; ``sizes`` is :data:`FULL` or
+    :data:`TINY`. The module maps ``(batch, seq)`` tokens to ``(batch, seq,
+    vocab)`` logits.
+    """
     import flax.linen as nn
     import jax
 
@@ -94,7 +99,7 @@ def make_model(norm: Callable[[], Any], sizes: dict[str, int]) -> Any:
 
     class TransformerLM(nn.Module):
         @nn.compact
-        def __call__(self, tokens):
+        def __call__(self, tokens, train: bool = True):  # train: no dropout, no effect
             x = nn.Embed(sizes["vocab"], sizes["d_model"])(tokens)
             for _ in range(sizes["blocks"]):
                 x = Block()(x)
