@@ -91,12 +91,21 @@ def conv2d_nhwc(x, kernel, bias=None, padding="SAME"):
 # --- the rest of the family -----------------------------------------------
 
 
+def masked_moments(x, axes, mask=None):
+    """Mean, biased variance and count over ``axes`` (keepdims), float64, valid
+    elements only; a group with no valid element has mean 0, variance 0, count 0."""
+    x = np.asarray(x, np.float64)
+    w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    n = w.sum(tuple(axes), keepdims=True)
+    safe = np.maximum(n, 1)
+    mean = (w * x).sum(tuple(axes), keepdims=True) / safe
+    var = (w * (x - mean) ** 2).sum(tuple(axes), keepdims=True) / safe
+    return mean, var, n
+
+
 def _masked_moments(x, axes, mask):
     """Mean and biased variance over ``axes`` (keepdims), float64, valid elements only."""
-    w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
-    n = np.maximum(w.sum(axes, keepdims=True), 1)
-    mean = (w * x).sum(axes, keepdims=True) / n
-    var = (w * (x - mean) ** 2).sum(axes, keepdims=True) / n
+    mean, var, _ = masked_moments(x, axes, mask)
     return mean, var
 
 
@@ -237,3 +246,167 @@ def plain_bn(x, scale=None, bias=None, *, axis=-1, mask=None, eps=1e-5):
     if bias is not None:
         y = y + bias.reshape(shape)
     return y
+
+
+# --- training steps over explicit axes ---------------------------------------
+#
+# Each takes float64 arrays in the layout of the whole (possibly multi-device)
+# batch: under ``vmap(..., axis_name=...)`` the caller stacks the devices along
+# a leading axis and names that axis among the reduced (or batch) axes.
+
+
+def running_update(old_mean, old_var, old_count, mean, var, n, momentum, unbiased=False):
+    """Running statistics after one batch with per-feature ``mean``, biased ``var``
+    and count ``n`` (Flax momentum; None: cumulative average with ``old_count``).
+    A feature with no valid element keeps its statistics. Returns
+    ``(mean, var, count)`` (``count`` is None unless ``momentum`` is None)."""
+    old_mean, old_var, mean, var, n = (
+        np.asarray(v, np.float64) for v in (old_mean, old_var, mean, var, n)
+    )
+    if unbiased:
+        var = var * n / np.maximum(n - 1, 1)
+    ok = n > 0
+    if momentum is None:
+        old_count = np.asarray(old_count)
+        w = 1.0 / (old_count + 1)
+        count = np.where(ok, old_count + 1, old_count)
+    else:
+        w, count = 1.0 - momentum, None
+    new_mean = np.where(ok, (1 - w) * old_mean + w * mean, old_mean)
+    new_var = np.where(ok, (1 - w) * old_var + w * var, old_var)
+    return new_mean, new_var, count
+
+
+def standardize(x, axes, mask=None, eps=1e-5):
+    """``(x - mean) / sqrt(var + eps)`` with keepdims statistics over ``axes`` of the
+    valid elements (every element is normalized); returns ``(x_hat, mean, var, n)``."""
+    x = np.asarray(x, np.float64)
+    mean, var, n = masked_moments(x, axes, mask)
+    return (x - mean) / np.sqrt(var + eps), mean, var, n
+
+
+def batch_norm_step(x, scale, bias, state, *, axis, eps, momentum, mask=None, unbiased=False):
+    """Training-mode BatchNorm: ``(y, new_state)``; ``state`` holds ``mean``, ``var``
+    (and ``count``), feature-shaped; every non-feature axis is reduced."""
+    fa = axes_of(np.ndim(x), axis)
+    red = tuple(i for i in range(np.ndim(x)) if i not in fa)
+    x_hat, mean, var, n = standardize(x, red, mask, eps)
+    y = _scale_shift(x_hat, scale, bias, fa)
+    return y, _new_state(
+        state, mean.squeeze(red), var.squeeze(red), n.squeeze(red), momentum, unbiased
+    )
+
+
+def _new_state(state, mean, var, n, momentum, unbiased):
+    new = dict(state)
+    new["mean"], new["var"], count = running_update(
+        state["mean"], state["var"], state.get("count"), mean, var, n, momentum, unbiased
+    )
+    if count is not None:
+        new["count"] = count
+    return new
+
+
+def batch_renorm_step(
+    x, scale, bias, state, *, axis, eps, momentum, rmax, dmax, mask=None, unbiased=False, rd=None
+):
+    """Training-mode Batch Renormalization (Ioffe 2017, algorithm 1): ``(y, new_state,
+    (r, d))``. ``rd`` fixes ``r`` and ``d`` (they carry no gradient)."""
+    fa = axes_of(np.ndim(x), axis)
+    red = tuple(i for i in range(np.ndim(x)) if i not in fa)
+    x_hat, mean, var, n = standardize(x, red, mask, eps)
+    if rd is None:
+        sigma = np.sqrt(_per_feature(state["var"], np.ndim(x), fa) + eps)
+        r = np.clip(np.sqrt(var + eps) / sigma, 1 / rmax, rmax)
+        d = np.clip((mean - _per_feature(state["mean"], np.ndim(x), fa)) / sigma, -dmax, dmax)
+        rd = (r, d)
+    y = _scale_shift(x_hat * rd[0] + rd[1], scale, bias, fa)
+    new = _new_state(state, mean.squeeze(red), var.squeeze(red), n.squeeze(red), momentum, unbiased)
+    new["step"] = np.asarray(state["step"]) + 1
+    return y, new, rd
+
+
+def ghost_batch_norm_step(
+    x,
+    scale,
+    bias,
+    state,
+    *,
+    axis,
+    eps,
+    momentum,
+    virtual_batch_size,
+    batch_axis=0,
+    mask=None,
+    unbiased=False,
+):
+    """Training-mode Ghost BatchNorm: each run of ``virtual_batch_size`` examples along
+    ``batch_axis`` is normalized on its own; the running statistics move towards the
+    count-weighted average of the virtual batches' means and variances."""
+    x = np.asarray(x, np.float64)
+    fa = axes_of(x.ndim, axis)
+    k = x.shape[batch_axis] // virtual_batch_size
+    split = (*x.shape[:batch_axis], k, virtual_batch_size, *x.shape[batch_axis + 1 :])
+    xs = x.reshape(split)
+    ms = None if mask is None else np.broadcast_to(mask, x.shape).reshape(split)
+    fa_s = tuple(a + (a > batch_axis) for a in fa)
+    kept = (*range(batch_axis + 1), *fa_s)  # the devices, the virtual batches, the features
+    red = tuple(i for i in range(xs.ndim) if i not in kept)
+    x_hat, mean, var, n = standardize(xs, red, ms, eps)
+    y = _scale_shift(x_hat.reshape(x.shape), scale, bias, fa)
+    if unbiased:
+        var = var * n / np.maximum(n - 1, 1)
+    groups = tuple(range(batch_axis + 1)) + red
+    total = n.sum(groups)
+    safe = np.maximum(total, 1)
+    avg_mean = (n * mean).sum(groups) / safe
+    avg_var = (n * var).sum(groups) / safe
+    return y, _new_state(state, avg_mean, avg_var, total, momentum, False)
+
+
+def sequence_batch_norm_step(
+    x, scale, bias, state, *, axis, time_axis, eps, momentum, mask=None, unbiased=False
+):
+    """Training-mode recurrent BatchNorm (Cooijmans et al. 2016): each step along
+    ``time_axis`` is normalized with its own statistics; running slot ``t`` (state
+    arrays ``[max_steps, *features]``) moves towards step ``t``'s statistics."""
+    x = np.asarray(x, np.float64)
+    fa = axes_of(x.ndim, axis)
+    kept = (time_axis, *fa)
+    red = tuple(i for i in range(x.ndim) if i not in kept)
+    x_hat, mean, var, n = standardize(x, red, mask, eps)
+    y = _scale_shift(x_hat, scale, bias, fa)
+    order = sorted(kept)
+    perm = [order.index(a) for a in kept]  # time first, then the features in order
+    mean, var, n = (np.transpose(v.squeeze(red), perm) for v in (mean, var, n))
+    steps = min(x.shape[time_axis], state["mean"].shape[0])
+    new = {name: np.array(v, np.float64) for name, v in state.items()}
+    head = {name: v[:steps] for name, v in state.items()}
+    upd = _new_state(head, mean[:steps], var[:steps], n[:steps], momentum, unbiased)
+    for name in new:
+        new[name][:steps] = upd[name]
+    return y, new
+
+
+def instance_norm_step(
+    x, scale, bias, state, *, feature_axes, eps, momentum, batch_axis=0, mask=None, unbiased=False
+):
+    """Instance Normalization in training mode: every example (along ``batch_axis``)
+    and feature normalized over the other axes; with running statistics in
+    ``state``, they move towards the count-weighted average over the examples of
+    the instance means and variances. Returns ``(y, new_state)``."""
+    x = np.asarray(x, np.float64)
+    fa = axes_of(x.ndim, feature_axes)
+    red = tuple(i for i in range(x.ndim) if i != batch_axis and i not in fa)
+    x_hat, mean, var, n = standardize(x, red, mask, eps)
+    y = _scale_shift(x_hat, scale, bias, fa)
+    if not state:
+        return y, state
+    if unbiased:
+        var = var * n / np.maximum(n - 1, 1)
+    mean, var, n = (v.squeeze(red) for v in (mean, var, n))
+    b = batch_axis - sum(1 for i in red if i < batch_axis)
+    total = n.sum(b)
+    safe = np.maximum(total, 1)
+    avg_mean, avg_var = (n * mean).sum(b) / safe, (n * var).sum(b) / safe
+    return y, _new_state(state, avg_mean, avg_var, total, momentum, False)

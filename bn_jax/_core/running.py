@@ -5,6 +5,12 @@
 cumulative average of every batch seen, ``new = old + (batch - old) / (k + 1)``
 with a per-channel count ``k``. A channel whose batch statistics are not finite,
 or that had no valid element, keeps its running statistics (and count).
+
+When the state holds ``skipped`` (an int32 array shaped like ``mean``, added by
+the normalizers' opt-in ``count_skipped=True``), it counts, per channel, the
+updates dropped because the batch statistics were not finite (a NaN or Inf in
+the batch). A channel with no valid element is not counted: it had nothing to
+skip. Without ``skipped`` the state is exactly Flax's ``{"mean", "var"}``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ def update_running(
     momentum: float | None,
     unbiased: bool = False,
 ) -> dict[str, jax.Array]:
-    """Returns ``state`` with ``mean`` / ``var`` (and ``count``) updated.
+    """Returns ``state`` with ``mean`` / ``var`` (and ``count``, ``skipped``) updated.
 
     ``mean``, ``var`` (biased) and ``count`` are the batch statistics with the
     shape of ``state["mean"]``. With ``unbiased=True`` the running variance
@@ -32,7 +38,8 @@ def update_running(
     mean, var, count = (lax.stop_gradient(v) for v in (mean, var, count))
     if unbiased:
         var = var * count / jnp.maximum(count - 1, 1)
-    ok = jnp.isfinite(mean) & jnp.isfinite(var) & (count > 0)
+    finite = jnp.isfinite(mean) & jnp.isfinite(var)
+    ok = finite & (count > 0)
     old_mean, old_var = state["mean"], state["var"]
     dt = old_mean.dtype
     mean, var = mean.astype(dt), var.astype(dt)
@@ -46,4 +53,7 @@ def update_running(
         keep, w = jnp.asarray(momentum, dt), jnp.asarray(1.0 - momentum, dt)
     new["mean"] = jnp.where(ok, keep * old_mean + w * mean, old_mean)
     new["var"] = jnp.where(ok, keep * old_var + w * var, old_var)
+    if "skipped" in state:
+        skipped = state["skipped"]
+        new["skipped"] = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
     return new

@@ -138,18 +138,19 @@ def has_bias(norm: Any) -> bool:
     return "use_bias" in type(norm).__dataclass_fields__
 
 
-def running_keys(momentum: float | None) -> tuple[str, ...]:
-    """The keys of running statistics: ``mean``, ``var`` (and ``count`` with ``momentum=None``)."""
-    return ("mean", "var") if momentum is not None else ("mean", "var", "count")
+def running_keys(norm: Any) -> tuple[str, ...]:
+    """The keys of ``norm``'s running statistics: ``mean``, ``var``, a ``count`` with
+    ``momentum=None`` and a ``skipped`` counter with ``count_skipped=True``."""
+    keys = ("mean", "var") if norm.momentum is not None else ("mean", "var", "count")
+    return (*keys, "skipped") if norm.count_skipped else keys
 
 
-def init_running(shape: tuple[int, ...], momentum: float | None, param_dtype: Any) -> State:
-    """Running ``mean`` 0 and ``var`` 1 (and a ``count`` with ``momentum=None``)."""
-    dt = checks.stat_dtype(param_dtype)
-    state = {"mean": jnp.zeros(shape, dt), "var": jnp.ones(shape, dt)}
-    if momentum is None:
-        state["count"] = jnp.zeros(shape, jnp.int32)
-    return state
+def init_running(norm: Any, shape: tuple[int, ...]) -> State:
+    """Running ``mean`` 0 and ``var`` 1 (in ``norm.param_dtype`` if wider than
+    float32), and int32 zeros for the ``count`` and ``skipped`` counters in use."""
+    dt = checks.stat_dtype(norm.param_dtype)
+    start = {"mean": jnp.zeros(shape, dt), "var": jnp.ones(shape, dt)}
+    return {k: start.get(k, jnp.zeros(shape, jnp.int32)) for k in running_keys(norm)}
 
 
 # ------------------------------------------------------------------ call checks
@@ -178,7 +179,8 @@ def check_state_keys(state: Any, need: Any, layer: str) -> None:
     if not set(need) <= have:
         raise ValueError(
             f"{layer}: state has keys {sorted(have)} but needs {sorted(need)}; "
-            f"build it with {layer}.init (momentum=None adds 'count')."
+            f"build it with {layer}.init (momentum=None adds 'count', count_skipped=True "
+            f"adds 'skipped')."
         )
 
 
@@ -247,7 +249,7 @@ def check_batch_call(
     layer = type(norm).__name__
     training, x = check_training(training, layer), check_x(x)
     feature_axes = checks.resolve_axes(norm.axis, x.ndim)
-    check_state_keys(state, running_keys(norm.momentum), layer)
+    check_state_keys(state, running_keys(norm), layer)
     aff = checked_affine(norm, params, x, feature_axes, "axis", running=state)
     return training, Call(x, feature_axes, aff, out_dtype(norm, x))
 

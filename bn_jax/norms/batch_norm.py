@@ -72,6 +72,10 @@ class BatchNorm:
         batch variance).
       allow_single_value: train on a batch with one value per feature
         instead of raising (see Conventions).
+      count_skipped: add an int32 ``skipped`` to the state that counts, per
+        feature, the training steps whose batch statistics were not finite
+        (their running update was dropped), for a training log. Off by
+        default, so that the state is Flax's ``{"mean", "var"}``.
 
     Conventions:
       * ``momentum=0.99`` here is PyTorch's ``momentum=0.01``.
@@ -111,6 +115,7 @@ class BatchNorm:
     use_fast_variance: bool = False
     unbiased_running_var: bool = False
     allow_single_value: bool = False
+    count_skipped: bool = False
 
     def __post_init__(self) -> None:
         check_batch_fields(self)
@@ -118,7 +123,7 @@ class BatchNorm:
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; see :meth:`Normalizer.init`."""
         shape = feature_shape(features, self.axis, "BatchNorm")
-        return init_params(self, shape, key), init_running(shape, self.momentum, self.param_dtype)
+        return init_params(self, shape, key), init_running(self, shape)
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None

@@ -87,8 +87,8 @@ class BatchRenorm:
       **BatchNorm's fields**: ``momentum``, ``epsilon``, ``axis``,
         ``axis_name``, ``axis_index_groups``, ``use_scale``, ``use_bias``,
         ``scale_init``, ``bias_init``, ``dtype``, ``param_dtype``,
-        ``use_fast_variance``, ``unbiased_running_var`` and
-        ``allow_single_value``, with :class:`BatchNorm`'s meaning.
+        ``use_fast_variance``, ``unbiased_running_var``,
+        ``allow_single_value`` and ``count_skipped``, with :class:`BatchNorm`'s meaning.
 
     State: ``{"mean", "var", "step"}`` (plus ``"count"`` when
     ``momentum=None``); ``step`` is an int32 scalar.
@@ -130,6 +130,7 @@ class BatchRenorm:
     use_fast_variance: bool = False
     unbiased_running_var: bool = False
     allow_single_value: bool = False
+    count_skipped: bool = False
     rmax: Schedule = 3.0
     dmax: Schedule = 5.0
 
@@ -141,7 +142,7 @@ class BatchRenorm:
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; ``state`` also holds the int32 ``"step"``."""
         shape = feature_shape(features, self.axis, "BatchRenorm")
-        state = init_running(shape, self.momentum, self.param_dtype)
+        state = init_running(self, shape)
         return init_params(self, shape, key), {**state, "step": jnp.zeros((), jnp.int32)}
 
     def apply(

@@ -60,8 +60,8 @@ class GhostBatchNorm:
       **BatchNorm's fields**: ``momentum``, ``epsilon``, ``axis``,
         ``axis_name``, ``axis_index_groups``, ``use_scale``, ``use_bias``,
         ``scale_init``, ``bias_init``, ``dtype``, ``param_dtype``,
-        ``use_fast_variance``, ``unbiased_running_var`` and
-        ``allow_single_value``, with :class:`BatchNorm`'s meaning, except that
+        ``use_fast_variance``, ``unbiased_running_var``,
+        ``allow_single_value`` and ``count_skipped``, with :class:`BatchNorm`'s meaning, except that
         ``axis`` may not include the batch axis 0.
 
     Cross-device (``axis_name``): virtual batches are contiguous slices of
@@ -102,6 +102,7 @@ class GhostBatchNorm:
     use_fast_variance: bool = False
     unbiased_running_var: bool = False
     allow_single_value: bool = False
+    count_skipped: bool = False
     virtual_batch_size: int
 
     def __post_init__(self) -> None:
@@ -112,7 +113,7 @@ class GhostBatchNorm:
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; see :meth:`Normalizer.init`."""
         shape = feature_shape(features, self.axis, "GhostBatchNorm")
-        return init_params(self, shape, key), init_running(shape, self.momentum, self.param_dtype)
+        return init_params(self, shape, key), init_running(self, shape)
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None

@@ -33,6 +33,7 @@ from bn_jax.norms._common import (
     normalize_with,
     other_axes,
     out_dtype,
+    running_keys,
     stats_config,
     update_state,
 )
@@ -79,6 +80,9 @@ class InstanceNorm:
         running variance, as PyTorch does.
       allow_single_value: normalize an input with a single value per
         instance and channel (no spatial axes) instead of raising.
+      count_skipped: with ``track_running_stats``, add an int32 ``skipped``
+        to the state that counts, per feature, the running updates dropped
+        because the statistics were not finite.
 
     Conventions:
       * An input with one value per instance and channel (no spatial axes)
@@ -120,6 +124,7 @@ class InstanceNorm:
     unbiased_running_var: bool = False
 
     allow_single_value: bool = False
+    count_skipped: bool = False
 
     def __post_init__(self) -> None:
         checks.check_momentum(self.momentum)
@@ -129,7 +134,7 @@ class InstanceNorm:
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; ``state`` is ``{}`` unless ``track_running_stats``."""
         shape = feature_shape(features, self.feature_axes, "InstanceNorm", "feature_axes")
-        state = init_running(shape, self.momentum, self.param_dtype)
+        state = init_running(self, shape)
         return init_params(self, shape, key), state if self.track_running_stats else {}
 
     def apply(
@@ -152,7 +157,7 @@ class InstanceNorm:
             )
         track = self.track_running_stats
         if track:
-            check_state_keys(state, ("mean", "var"), "InstanceNorm")
+            check_state_keys(state, running_keys(self), "InstanceNorm")
         aff = checked_affine(
             self, params, x, feature_axes, "feature_axes", state if track else None
         )

@@ -83,8 +83,8 @@ class SequenceBatchNorm:
       **BatchNorm's fields**: ``momentum``, ``epsilon``, ``axis``,
         ``axis_name``, ``axis_index_groups``, ``use_scale``, ``use_bias``,
         ``scale_init``, ``bias_init``, ``dtype``, ``param_dtype``,
-        ``use_fast_variance``, ``unbiased_running_var`` and
-        ``allow_single_value``, with :class:`BatchNorm`'s meaning; ``axis``
+        ``use_fast_variance``, ``unbiased_running_var``,
+        ``allow_single_value`` and ``count_skipped``, with :class:`BatchNorm`'s meaning; ``axis``
         names the feature axes of the whole-sequence layout.
 
     Conventions: those of :class:`BatchNorm` (``allow_single_value``
@@ -122,6 +122,7 @@ class SequenceBatchNorm:
     use_fast_variance: bool = False
     unbiased_running_var: bool = False
     allow_single_value: bool = False
+    count_skipped: bool = False
     max_steps: int
     time_axis: int = 1
 
@@ -142,7 +143,7 @@ class SequenceBatchNorm:
         if hasattr(features, "shape") and hasattr(features, "ndim"):
             _layout(self, features.ndim, step_mode=False)  # checks time_axis vs axis
         shape = feature_shape(features, self.axis, "SequenceBatchNorm")
-        one = init_running(shape, self.momentum, self.param_dtype)
+        one = init_running(self, shape)
         state = {k: jnp.repeat(v[None], self.max_steps, 0) for k, v in one.items()}
         return init_params(self, shape, key), state
 
@@ -179,7 +180,7 @@ class SequenceBatchNorm:
         if step is not None:  # the feature axes of the step, without the time axis
             feature_axes = tuple(a - (a > time) for a in feature_axes)
         aff = checked_affine(self, params, x, feature_axes, "axis")
-        check_state_keys(state, running_keys(self.momentum), "SequenceBatchNorm")
+        check_state_keys(state, running_keys(self), "SequenceBatchNorm")
         for name in ("mean", "var"):
             if tuple(state[name].shape) != (self.max_steps, *aff.shape):
                 raise ValueError(
@@ -205,7 +206,7 @@ class SequenceBatchNorm:
         k = min(steps, self.max_steps)  # steps past max_steps leave the state alone
         stats = tuple(_take(v, (time, *feature_axes))[:k] for v in stats)
         new = update_state(self, {n: v[:k] for n, v in state.items()}, stats, (k, *aff.shape))
-        return y, {name: state[name].at[:k].set(new[name]) for name in state}
+        return y, {name: jnp.asarray(state[name]).at[:k].set(new[name]) for name in state}
 
 
 def _layout(norm: SequenceBatchNorm, ndim: int, *, step_mode: bool) -> tuple[int, tuple[int, ...]]:

@@ -1,0 +1,727 @@
+"""Property tests: every normalizer against float64 references over drawn configurations.
+
+Hypothesis draws a normalizer and its options (ranks 1 to 6, feature axes given
+as negative ints, tuples or channels-first, masks that are random, all valid or
+leave a channel with no valid element, ``momentum`` including None,
+``use_scale`` / ``use_bias`` off), an input dtype (float32, bfloat16, float16)
+and a way to run it (eagerly, under ``jit``, or under ``vmap`` with an
+``axis_name`` over two "devices", compared with the reference on the whole
+batch). Outputs, running statistics and directional derivatives of the
+gradients are compared with the float64 references of ``tests/reference.py``;
+the tolerances follow from the dtypes' epsilon and the conditioning of the
+drawn example. A second property draws invalid arguments and inputs: they may
+only raise ``ValueError`` / ``TypeError`` naming the argument.
+
+``make test`` runs a fixed (derandomized) set of examples; a longer random
+search is ``HYPOTHESIS_PROFILE=explore pytest tests/test_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import bn_jax
+from tests import reference as ref
+
+EXPLORE = os.environ.get("HYPOTHESIS_PROFILE", "ci") != "ci"
+
+
+def examples(ci: int) -> Callable:
+    """``ci`` examples in ``make test``; the loaded profile's number when exploring."""
+    n = settings().max_examples if EXPLORE else ci
+    return settings(max_examples=n, suppress_health_check=[HealthCheck.too_slow])
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+DEVICES = 2  # the mapped axis of the "vmap" mode
+MOMENTA = [0.0, 0.5, 0.9, 0.99, 1.0, None]
+
+
+# ------------------------------------------------------------------ drawing
+
+
+@dataclasses.dataclass
+class Case:
+    """A drawn example: a normalizer, the per-device input shape and its reference.
+
+    ``reference(x, scale, bias, state, mask, lead, fixed)`` computes in float64
+    on the layout of the whole batch; ``lead`` is 1 when a device axis is
+    stacked in front (``vmap`` mode), else 0. It returns ``(y, new_state,
+    fixed)``, where ``fixed`` holds the values that carry no gradient
+    (BatchRenorm's ``r``, ``d``) so that finite differences can hold them.
+    """
+
+    name: str
+    norm: Any
+    shape: tuple[int, ...]
+    feature_axes: tuple[int, ...]  # non-negative, of the per-device input
+    reference: Callable
+    # (x, lead) -> (x viewed with one axis per statistics group, the reduced axes):
+    # how the normalizer groups elements, for the conditioning of an example.
+    groups: Callable
+    gain: float = 1.0  # bound on |y - bias| / |scale * x_hat| (BatchRenorm's r and d)
+
+
+def _shape(draw, lo: int, hi: int) -> tuple[int, ...]:
+    rank = draw(st.integers(lo, hi))
+    top = 4 if rank <= 4 else 3
+    return tuple(draw(st.lists(st.integers(1, top), min_size=rank, max_size=rank)))
+
+
+def _axes(draw, ndim: int, candidates: list[int], max_len: int = 2) -> tuple[Any, tuple[int, ...]]:
+    """Axes among ``candidates`` as the user writes them (an int, a tuple, negative or
+    not) and resolved (sorted, non-negative)."""
+    k = draw(st.integers(1, min(max_len, len(candidates))))
+    axes = tuple(sorted(draw(st.permutations(candidates))[:k]))
+    negative = draw(st.booleans())
+    shown = tuple(a - ndim if negative else a for a in axes)
+    if k == 1 and draw(st.booleans()):
+        return shown[0], axes
+    return shown, axes
+
+
+def _shift(axes: tuple[int, ...], lead: int) -> tuple[int, ...]:
+    return tuple(a + lead for a in axes)
+
+
+def _reduced(shape, feature_axes) -> int:
+    return math.prod(s for i, s in enumerate(shape) if i not in feature_axes)
+
+
+def _common(draw) -> dict[str, Any]:
+    return {
+        "epsilon": draw(st.sampled_from([1e-5, 1e-3])),
+        "use_scale": draw(st.booleans()),
+        "use_bias": draw(st.booleans()),
+    }
+
+
+def draw_batch_norm(draw) -> Case:
+    shape = _shape(draw, 2, 6)
+    axis, fa = _axes(draw, len(shape), list(range(len(shape))))
+    assume(len(fa) < len(shape) and _reduced(shape, fa) >= 2)
+    cfg = {
+        **_common(draw),
+        "momentum": draw(st.sampled_from(MOMENTA)),
+        "unbiased_running_var": draw(st.booleans()),
+        "axis": axis,
+    }
+
+    def reference(x, scale, bias, state, mask, lead, fixed):
+        y, new = ref.batch_norm_step(
+            x,
+            scale,
+            bias,
+            state,
+            axis=_shift(fa, lead),
+            eps=cfg["epsilon"],
+            momentum=cfg["momentum"],
+            mask=mask,
+            unbiased=cfg["unbiased_running_var"],
+        )
+        return y, new, None
+
+    return Case("BatchNorm", bn_jax.BatchNorm(**cfg), shape, fa, reference, _all_but(fa))
+
+
+def _all_but(kept: tuple[int, ...], batch_axis: bool = False) -> Callable:
+    """Statistics groups over every axis except ``kept`` (and the device-stacked
+    batch axis when ``batch_axis``)."""
+
+    def groups(x, lead):
+        keep = _shift(kept, lead) + ((lead,) if batch_axis else ())
+        return x, tuple(i for i in range(x.ndim) if i not in keep)
+
+    return groups
+
+
+def draw_batch_renorm(draw) -> Case:
+    base = draw_batch_norm(draw)
+    limits = {
+        "rmax": draw(st.sampled_from([1.0, 1.5, 3.0])),
+        "dmax": draw(st.sampled_from([0.0, 0.5, 5.0])),
+    }
+    cfg = {**{f.name: getattr(base.norm, f.name) for f in dataclasses.fields(base.norm)}, **limits}
+    fa = base.feature_axes
+
+    def reference(x, scale, bias, state, mask, lead, fixed):
+        return ref.batch_renorm_step(
+            x,
+            scale,
+            bias,
+            state,
+            axis=_shift(fa, lead),
+            eps=cfg["epsilon"],
+            momentum=cfg["momentum"],
+            mask=mask,
+            unbiased=cfg["unbiased_running_var"],
+            rd=fixed,
+            **limits,
+        )
+
+    norm = bn_jax.BatchRenorm(**cfg)
+    gain = limits["rmax"] + limits["dmax"]
+    return Case("BatchRenorm", norm, base.shape, fa, reference, base.groups, gain)
+
+
+def draw_ghost_batch_norm(draw) -> Case:
+    shape = _shape(draw, 2, 5)
+    v = draw(st.integers(1, 3))
+    shape = (v * draw(st.integers(1, 3)), *shape[1:])
+    axis, fa = _axes(draw, len(shape), list(range(1, len(shape))))
+    assume(v * _reduced(shape[1:], tuple(a - 1 for a in fa)) >= 2)
+    cfg = {
+        **_common(draw),
+        "momentum": draw(st.sampled_from(MOMENTA)),
+        "unbiased_running_var": draw(st.booleans()),
+        "axis": axis,
+        "virtual_batch_size": v,
+    }
+
+    def reference(x, scale, bias, state, mask, lead, fixed):
+        y, new = ref.ghost_batch_norm_step(
+            x,
+            scale,
+            bias,
+            state,
+            axis=_shift(fa, lead),
+            eps=cfg["epsilon"],
+            momentum=cfg["momentum"],
+            virtual_batch_size=v,
+            batch_axis=lead,
+            mask=mask,
+            unbiased=cfg["unbiased_running_var"],
+        )
+        return y, new, None
+
+    def groups(x, lead):
+        k = x.shape[lead] // v
+        xs = x.reshape((*x.shape[:lead], k, v, *x.shape[lead + 1 :]))
+        keep = (*range(lead + 1), *(a + lead + 1 for a in fa))
+        return xs, tuple(i for i in range(xs.ndim) if i not in keep)
+
+    return Case("GhostBatchNorm", bn_jax.GhostBatchNorm(**cfg), shape, fa, reference, groups)
+
+
+def draw_sequence_batch_norm(draw) -> Case:
+    shape = _shape(draw, 3, 5)
+    ndim = len(shape)
+    time = draw(st.integers(0, ndim - 1))
+    axis, fa = _axes(draw, ndim, [a for a in range(ndim) if a != time])
+    assume(_reduced(shape, (*fa, time)) >= 2)
+    cfg = {
+        **_common(draw),
+        "momentum": draw(st.sampled_from(MOMENTA)),
+        "unbiased_running_var": draw(st.booleans()),
+        "axis": axis,
+        "max_steps": draw(st.integers(1, 4)),
+        "time_axis": time - ndim if draw(st.booleans()) else time,
+    }
+
+    def reference(x, scale, bias, state, mask, lead, fixed):
+        y, new = ref.sequence_batch_norm_step(
+            x,
+            scale,
+            bias,
+            state,
+            axis=_shift(fa, lead),
+            time_axis=time + lead,
+            eps=cfg["epsilon"],
+            momentum=cfg["momentum"],
+            mask=mask,
+            unbiased=cfg["unbiased_running_var"],
+        )
+        return y, new, None
+
+    norm = bn_jax.SequenceBatchNorm(**cfg)
+    return Case("SequenceBatchNorm", norm, shape, fa, reference, _all_but((*fa, time)))
+
+
+def draw_group_norm(draw) -> Case:
+    shape = _shape(draw, 2, 5)
+    ndim = len(shape)
+    c = draw(st.integers(1, ndim - 1))
+    shape = (*shape[:c], draw(st.sampled_from([2, 4, 6])), *shape[c + 1 :])
+    groups = draw(st.sampled_from([g for g in (1, 2, 3, 6) if shape[c] % g == 0]))
+    if draw(st.booleans()):
+        red_arg, red = None, tuple(range(1, ndim))
+    else:
+        others = [a for a in range(ndim) if a != c]
+        extra = draw(st.lists(st.sampled_from(others), unique=True, max_size=2)) if others else []
+        red = tuple(sorted({c, *extra}))
+        red_arg = tuple(a - ndim for a in red) if draw(st.booleans()) else red
+    cfg = {
+        **_common(draw),
+        "num_groups": groups,
+        "feature_axis": c - ndim if draw(st.booleans()) else c,
+        "reduction_axes": red_arg,
+    }
+
+    def reference(x, scale, bias, state, mask, lead, fixed):
+        red_x = ((0,) if lead else ()) + _shift(red, lead)
+        y = ref.group_norm(
+            x,
+            groups,
+            scale,
+            bias,
+            feature_axis=c + lead,
+            reduction_axes=red_x,
+            eps=cfg["epsilon"],
+            mask=mask,
+        )
+        return y, state, None
+
+    def view(x, lead):
+        cl = c + lead
+        xs = x.reshape((*x.shape[:cl], groups, x.shape[cl] // groups, *x.shape[cl + 1 :]))
+        red_x = ((0,) if lead else ()) + tuple(a + lead + (a > c) for a in red if a != c)
+        return xs, (*red_x, cl + 1)
+
+    return Case("GroupNorm", bn_jax.GroupNorm(**cfg), shape, (c,), reference, view)
+
+
+def draw_instance_norm(draw) -> Case:
+    shape = _shape(draw, 3, 5)
+    axis, fa = _axes(draw, len(shape), list(range(1, len(shape))))
+    assume(_reduced(shape[1:], tuple(a - 1 for a in fa)) >= 2)
+    cfg = {
+        **_common(draw),
+        "feature_axes": axis,
+        "track_running_stats": draw(st.booleans()),
+        "momentum": draw(st.sampled_from(MOMENTA)),
+        "unbiased_running_var": draw(st.booleans()),
+    }
+
+    def reference(x, scale, bias, state, mask, lead, fixed):
+        y, new = ref.instance_norm_step(
+            x,
+            scale,
+            bias,
+            state,
+            feature_axes=_shift(fa, lead),
+            eps=cfg["epsilon"],
+            momentum=cfg["momentum"],
+            batch_axis=lead,
+            mask=mask,
+            unbiased=cfg["unbiased_running_var"],
+        )
+        return y, new, None
+
+    norm = bn_jax.InstanceNorm(**cfg)
+    return Case("InstanceNorm", norm, shape, fa, reference, _all_but(fa, batch_axis=True))
+
+
+def _draw_per_example(draw, name: str) -> Case:
+    shape = _shape(draw, 1, 6)
+    ndim = len(shape)
+    red_arg, red = _axes(draw, ndim, list(range(ndim)), max_len=3)
+    feat_arg, fa = _axes(draw, ndim, list(range(ndim)))
+    cfg = {**_common(draw), "reduction_axes": red_arg, "feature_axes": feat_arg}
+    if name == "RMSNorm":
+        del cfg["use_bias"]
+
+    def reference(x, scale, bias, state, mask, lead, fixed):
+        red_x = ((0,) if lead else ()) + _shift(red, lead)
+        kw = {"reduction_axes": red_x, "feature_axes": _shift(fa, lead), "eps": cfg["epsilon"]}
+        if name == "RMSNorm":
+            return ref.rms_norm(x, scale, mask=mask, **kw), state, None
+        return ref.layer_norm(x, scale, bias, mask=mask, **kw), state, None
+
+    def groups(x, lead):
+        return x, ((0,) if lead else ()) + _shift(red, lead)
+
+    return Case(name, getattr(bn_jax, name)(**cfg), shape, fa, reference, groups)
+
+
+DRAW = {
+    "BatchNorm": draw_batch_norm,
+    "BatchRenorm": draw_batch_renorm,
+    "GhostBatchNorm": draw_ghost_batch_norm,
+    "SequenceBatchNorm": draw_sequence_batch_norm,
+    "GroupNorm": draw_group_norm,
+    "InstanceNorm": draw_instance_norm,
+    "LayerNorm": lambda draw: _draw_per_example(draw, "LayerNorm"),
+    "RMSNorm": lambda draw: _draw_per_example(draw, "RMSNorm"),
+}
+
+
+def test_every_normalizer_is_fuzzed():
+    public = {n for n in bn_jax.__all__ if isinstance(getattr(bn_jax, n), type)}
+    assert public == set(DRAW)
+
+
+@st.composite
+def examples_of(draw, names=tuple(DRAW)):
+    name = draw(st.sampled_from(names))
+    case = DRAW[name](draw)
+    return case, {
+        "dtype": draw(st.sampled_from(list(DTYPES))),
+        "mode": draw(st.sampled_from(["eager", "jit", "vmap"])),
+        "mask": draw(st.sampled_from([None, "all", "random", "dead channel"])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+# ---------------------------------------------------------------- running
+
+
+def _mask(kind, shape, feature_axes, rng):
+    if kind is None:
+        return None
+    mask = np.ones(shape, bool) if kind == "all" else rng.random(shape) < 0.7
+    if kind == "dead channel":  # the first feature has no valid element anywhere
+        index = tuple(0 if i in feature_axes else slice(None) for i in range(len(shape)))
+        mask[index] = False
+    return mask
+
+
+def _inputs(case: Case, dtype, mode, mask_kind, seed):
+    rng = np.random.default_rng(seed)
+    lead = (DEVICES,) if mode == "vmap" else ()
+    full = (*lead, *case.shape)
+    fa_full = _shift(case.feature_axes, len(lead))
+    offset, std = rng.uniform(-3, 3), rng.uniform(0.5, 2)
+    x = (offset + std * rng.standard_normal(full)).astype(dtype)
+    mask = _mask(mask_kind, full, fa_full, rng)
+    params, state = case.norm.init(np.zeros(case.shape, np.float32))
+    params = {k: rng.uniform(0.5, 1.5, v.shape).astype(np.float32) for k, v in params.items()}
+    params = {k: v - 1.0 if k == "bias" else v for k, v in params.items()}
+    state = dict(state)
+    if "mean" in state:
+        state["mean"] = rng.normal(size=state["mean"].shape).astype(np.float32)
+        state["var"] = rng.uniform(0.5, 2, state["var"].shape).astype(np.float32)
+    if "count" in state:
+        state["count"] = rng.integers(0, 5, state["count"].shape).astype(np.int32)
+    if "step" in state:
+        state["step"] = np.int32(rng.integers(0, 5))
+    g = rng.standard_normal(full).astype(dtype)
+    directions = {"x": rng.standard_normal(full)}
+    directions.update({k: rng.standard_normal(v.shape) for k, v in params.items()})
+    return x, mask, params, state, g, directions
+
+
+def _run(case: Case, mode, params, state, x, mask, g):
+    """``(y, new_state, grads)`` of one training step, ``grads`` of ``sum(y * g)``."""
+    norm = case.norm
+    if mode == "vmap":
+        norm = dataclasses.replace(norm, axis_name="d")
+
+    def apply(p, x, m):
+        return norm.apply(p, state, x, training=True, mask=m)
+
+    if mode == "vmap":
+        apply = jax.vmap(apply, in_axes=(None, 0, None if mask is None else 0), axis_name="d")
+
+    def loss(p, x):
+        y, new_state = apply(p, x, mask)
+        return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), (y, new_state)
+
+    step = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    if mode != "eager":
+        step = jax.jit(step)
+    (gp, gx), (y, new_state) = step(params, x)
+    return y, new_state, {"x": gx, **gp}
+
+
+def _f64(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def check_against_reference(case: Case, dtype_name: str, mode: str, mask_kind, seed: int):
+    dtype = DTYPES[dtype_name]
+    eps_dt = float(jnp.finfo(dtype).eps)
+    x, mask, params, state, g, directions = _inputs(case, dtype, mode, mask_kind, seed)
+    lead = 1 if mode == "vmap" else 0
+    y, new_state, grads = _run(case, mode, params, state, x, mask, g)
+
+    x64, g64, p64, s64 = _f64(x), _f64(g), _f64(params), _f64(state)
+
+    def reference(x, p, fixed=None):
+        return case.reference(x, p.get("scale"), p.get("bias"), s64, mask, lead, fixed)
+
+    y_ref, state_ref, fixed = reference(x64, p64)
+
+    # Forward: the output's rounding plus float32 error amplified as the reference
+    # amplifies a relative input perturbation of a few float32 ulps.
+    assert y.dtype == x.dtype and y.shape == x.shape
+    y = np.asarray(y, np.float64)
+    assert np.isfinite(y).all(), "non-finite output from finite input"
+    rng = np.random.default_rng(seed + 1)
+    jitter = x64 * (1 + 4 * EPS32 * rng.uniform(-1, 1, x64.shape))
+    dev = np.abs(reference(jitter, p64, fixed)[0] - y_ref)
+    tol = 2 * eps_dt * np.abs(y_ref) + 8 * (dev + 0.1 * dev.max()) + 1e-6
+    err = np.abs(y - y_ref)
+    assert (err <= tol).all(), (
+        f"output: max error {err.max():.3g}, worst ratio {(err / tol).max():.3g}"
+    )
+
+    # Running statistics: same keys, shapes and dtypes; values within float32 error.
+    assert set(new_state) == set(state)
+    scale2 = (1 + np.abs(x64).max()) ** 2
+    for k, v in new_state.items():
+        if mode == "vmap":  # replicated: every device holds the same value
+            v = np.asarray(v)
+            np.testing.assert_array_equal(v, np.broadcast_to(v[:1], v.shape), err_msg=k)
+            v = v[0]
+        assert v.dtype == np.asarray(state[k]).dtype and v.shape == np.shape(state[k]), k
+        np.testing.assert_allclose(
+            np.asarray(v, np.float64), state_ref[k], rtol=2e-5, atol=2e-6 * scale2, err_msg=k
+        )
+
+    # Gradients: each directional derivative against a Richardson-extrapolated
+    # central difference of the float64 reference (r, d of BatchRenorm held). The
+    # tolerance is relative to the sum of the terms' magnitudes before they cancel:
+    # with a = |scale| / sqrt(var + eps) per element, the backward pass computes
+    # dx = a * (g - mean(g) - x_hat * mean(g * x_hat)), dscale = sum(g * x_hat),
+    # dbias = sum(g).
+    kappa = dev.max() / (4 * EPS32 * max(1.0, np.abs(y_ref).max()))
+    a, x_hat = conditioning(case, x64, p64, mask, lead)
+    absg = np.abs(g64)
+    rms_g = np.sqrt(np.mean(g64 * g64))
+    magnitude = {
+        "x": lambda v: np.sum(np.abs(v) * a * case.gain * (absg + rms_g * (1 + x_hat))),
+        "scale": lambda v: np.sum(absg * (case.gain * x_hat + 1) * _bcast(np.abs(v), case, lead)),
+        "bias": lambda v: np.sum(absg * _bcast(np.abs(v), case, lead)),
+    }
+    for k, v in directions.items():
+
+        def loss(t, k=k, v=v):
+            xs = x64 + t * v if k == "x" else x64
+            ps = {**p64, k: p64[k] + t * v} if k != "x" else p64
+            return np.sum(reference(xs, ps, fixed)[0] * g64)
+
+        def central(h, loss=loss):
+            return (loss(h) - loss(-h)) / (2 * h)
+
+        h = 1e-5
+        d1, d2 = central(h), central(h / 2)
+        expected = (4 * d2 - d1) / 3
+        got = np.sum(np.asarray(grads[k], np.float64) * v)
+        mag = magnitude[k](v) + abs(expected)
+        tol = (4 * eps_dt + 64 * EPS32 * (1 + kappa)) * mag + abs(d2 - d1) + 1e-7
+        assert abs(got - expected) <= tol, (
+            f"gradient along {k}: {got:.6g} vs reference {expected:.6g} (tol {tol:.3g})"
+        )
+
+
+def conditioning(case: Case, x64, p64, mask, lead):
+    """Per element of ``x``: ``a = |scale| / sqrt(var + eps)`` and ``|x_hat|`` of the
+    statistics group it belongs to (float64)."""
+    xv, red = case.groups(x64, lead)
+    mv = None if mask is None else case.groups(np.broadcast_to(mask, x64.shape), lead)[0]
+    mean, var, _ = ref.masked_moments(xv, red, mv)
+    inv = 1 / np.sqrt(var + case.norm.epsilon)
+    x_hat = np.abs((xv - mean) * inv).reshape(x64.shape)
+    a = np.broadcast_to(inv, xv.shape).reshape(x64.shape)
+    if "scale" in p64:
+        a = a * np.abs(_bcast(p64["scale"], case, lead))
+    return a, x_hat
+
+
+def _bcast(v, case: Case, lead: int):
+    """A feature-shaped array broadcastable against the (stacked) input."""
+    shape = [1] * (lead + len(case.shape))
+    for a, s in zip(_shift(case.feature_axes, lead), np.shape(v), strict=True):
+        shape[a] = s
+    return np.reshape(v, shape)
+
+
+@examples(ci=60)
+@given(examples_of())
+def test_matches_float64_reference(drawn):
+    case, opts = drawn
+    check_against_reference(case, opts["dtype"], opts["mode"], opts["mask"], opts["seed"])
+
+
+# ------------------------------------------------------ invalid arguments
+
+# name -> a valid configuration for inputs [batch 4, time/space 3, features 4].
+VALID = {
+    "BatchNorm": {},
+    "BatchRenorm": {},
+    "GhostBatchNorm": {"virtual_batch_size": 2},
+    "SequenceBatchNorm": {"max_steps": 3},
+    "GroupNorm": {"num_groups": 2},
+    "InstanceNorm": {"track_running_stats": True},
+    "LayerNorm": {},
+    "RMSNorm": {},
+}
+X_SHAPE = (4, 3, 4)
+
+not_a_number = st.one_of(st.text(max_size=3), st.booleans(), st.complex_numbers(), st.just([0.5]))
+not_an_int = st.one_of(
+    st.floats(allow_nan=True), st.text(max_size=2), st.booleans(), st.just([1]), st.just({})
+)
+axes_values = st.one_of(
+    not_an_int.filter(lambda v: not isinstance(v, list)),
+    st.just(()),
+    st.tuples(st.integers(-2, 2), st.text(max_size=1)),
+)
+out_of_range = st.one_of(st.integers(3, 40), st.integers(-40, -4))
+# field -> invalid values given to the constructor
+FIELD_VALUES = {
+    "momentum": st.one_of(
+        st.floats().filter(lambda m: not 0 <= m <= 1), not_a_number, st.integers(2, 9)
+    ),
+    "epsilon": st.one_of(
+        st.floats(max_value=0.0),
+        st.sampled_from([float("inf"), float("nan")]),
+        not_a_number,
+        st.none(),
+    ),
+    "axis": axes_values,
+    "feature_axes": axes_values,
+    "reduction_axes": axes_values.filter(lambda v: v is not None),
+    "feature_axis": st.one_of(not_an_int, st.just((1,))),
+    "num_groups": st.one_of(st.integers(-5, 0), not_an_int),
+    "virtual_batch_size": st.one_of(st.integers(-5, 0), not_an_int),
+    "max_steps": st.one_of(st.integers(-5, 0), not_an_int),
+    "time_axis": not_an_int,
+    "dtype": st.sampled_from(["int32", jnp.int8, jnp.bool_, "no such dtype", 3]),
+    "param_dtype": st.sampled_from(["int32", jnp.uint8, None, "f32x"]),
+    "rmax": st.one_of(st.floats(max_value=0.999), st.just("3")),
+    "dmax": st.one_of(st.floats(max_value=-1e-3), st.just("5")),
+    "axis_index_groups": st.just(((0, 1), (2, 3))),  # without axis_name
+}
+
+
+def _fields_of(name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(getattr(bn_jax, name))]
+
+
+@st.composite
+def invalid_calls(draw):
+    """``(name, what, expected argument, call)``: ``call()`` must raise."""
+    name = draw(st.sampled_from(list(VALID)))
+    cls, cfg = getattr(bn_jax, name), VALID[name]
+    norm = cls(**cfg)
+    params, state = norm.init(X_SHAPE[-1])
+    x = np.random.default_rng(0).standard_normal(X_SHAPE).astype(np.float32)
+    training = draw(st.booleans())
+    fields = _fields_of(name)
+    kinds = ["field", "x", "training", "mask", "params", "state", "axis_name", "feature size"]
+    kinds += ["axis out of range"]
+    if name == "SequenceBatchNorm":
+        kinds.append("step")
+    kind = draw(st.sampled_from(kinds))
+    step = {}
+
+    def apply(norm=norm, params=params, state=state, x=x, training=training, **kw):
+        return lambda: norm.apply(params, state, x, training=training, **step, **kw)
+
+    if kind == "field":
+        field = draw(st.sampled_from([f for f in FIELD_VALUES if f in fields]))
+        value = draw(FIELD_VALUES[field])
+        if field == "reduction_axes" and name == "GroupNorm" and value == ():
+            value = (0, "a")
+        return name, f"{field}={value!r}", field, lambda: cls(**{**cfg, field: value})
+    if kind == "x":
+        bad = draw(
+            st.sampled_from(
+                [
+                    x.astype(np.int32),
+                    x.astype(np.complex64),
+                    x > 0,
+                    x.tolist(),
+                    "x",
+                    jnp.asarray(x, jnp.uint8),
+                ]
+            )
+        )
+        return name, f"x of type {type(bad).__name__}", "x", apply(x=bad)
+    if kind == "training":
+        bad = draw(st.one_of(st.integers(), st.text(max_size=2), st.none(), st.just(jnp.array(1))))
+        return name, f"training={bad!r}", "training", apply(training=bad)
+    if kind == "mask":
+        training = True  # evaluation does not use the mask
+        shape = tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=4)))
+        try:
+            assume(np.broadcast_shapes(shape, X_SHAPE) != X_SHAPE)
+        except ValueError:
+            pass
+        return (
+            name,
+            f"mask of shape {shape}",
+            "mask",
+            apply(training=True, mask=np.ones(shape, bool)),
+        )
+    if kind == "params":
+        if params and draw(st.booleans()):
+            key = draw(st.sampled_from(sorted(params)))
+            bad = {k: v for k, v in params.items() if k != key}
+            return name, f"params without {key!r}", key, apply(params=bad)
+        bad = draw(st.sampled_from([None, [], (1.0,), np.ones(4)]))
+        return name, f"params={bad!r}", "params", apply(params=bad)
+    if kind == "state":
+        assume(bool(state) and training)
+        if draw(st.booleans()):
+            key = draw(st.sampled_from(sorted(state)))
+            bad = {k: v for k, v in state.items() if k != key}
+            return name, f"state without {key!r}", "state", apply(state=bad)
+        bad = draw(st.sampled_from([None, [], 3.0]))
+        return name, f"state={bad!r}", "state", apply(state=bad)
+    if kind == "axis_name":
+        label = draw(st.text(min_size=1, max_size=4))
+        bound = cls(**cfg, axis_name=label)
+        assume(training or not state)  # evaluation with running statistics needs no axis
+        return name, f"axis_name={label!r} unbound", "axis_name", apply(norm=bound)
+    if kind == "feature size":
+        assume(bool(params) or bool(state))
+        bad = np.ones((*X_SHAPE[:-1], draw(st.sampled_from([1, 2, 3, 5, 8]))), np.float32)
+        arg = "scale" if "scale" in params else "bias" if "bias" in params else "mean"
+        return name, f"x of shape {bad.shape}", arg, apply(x=bad)
+    if kind == "axis out of range":
+        field = draw(
+            st.sampled_from(
+                [
+                    f
+                    for f in ("axis", "feature_axes", "feature_axis", "reduction_axes", "time_axis")
+                    if f in fields
+                ]
+            )
+        )
+        value = draw(out_of_range)
+        if name == "SequenceBatchNorm" and field == "axis" and value % 3 == 1:
+            value = 7  # time_axis=1 is taken
+        bad = cls(**cfg, **{field: value})
+        return name, f"{field}={value}", field, apply(norm=bad)
+    if kind == "step":
+        bad = draw(
+            st.one_of(
+                st.integers(-9, -1),
+                st.floats(),
+                st.booleans(),
+                st.just(jnp.zeros(2, jnp.int32)),
+                st.just(jnp.float32(1)),
+            )
+        )
+        step["step"] = bad
+        return name, f"step={bad!r}", "step", apply(x=x[:, 0])
+    raise AssertionError(kind)
+
+
+@examples(ci=150)
+@given(invalid_calls(), st.booleans())
+def test_invalid_arguments_raise_errors_that_name_them(drawn, under_jit):
+    name, what, arg, call = drawn
+    if under_jit:  # errors are raised while tracing, with the same message
+        plain = call
+        call = lambda: jax.jit(lambda: plain())()
+    try:
+        call()
+    except (ValueError, TypeError) as e:
+        assert re.search(rf"\b{re.escape(arg)}\b", str(e)), f"{name}, {what}: {e}"
+    else:
+        raise AssertionError(f"{name}, {what}: no error")
