@@ -11,6 +11,9 @@ guard the running statistics still survive, but the parameters do not.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ import bn_jax
 from tests import _train
 from tests.devices import require_devices
 
+EXAMPLE = Path(__file__).parent.parent / "examples" / "bad_batches.py"
 STEPS, BATCH = 50, 32
 N_BAD = 6
 
@@ -116,3 +120,15 @@ def test_counter_is_opt_in_and_flax_state_loads():
     params, _ = counted.init(4)
     with pytest.raises(ValueError, match=r"state has keys \['mean', 'var'\] but needs"):
         counted.apply(params, state, jnp.ones((2, 4)), training=True)
+
+
+def test_example_runs_the_recipe(capsys):
+    spec = importlib.util.spec_from_file_location("bad_batches", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--steps", "30", "--bad", "3", "--batch", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("update skipped") == 3
+    assert "parameters and running statistics finite: True" in out
+    assert "bit-identical to the run without the bad batches: True" in out
+    assert "weights finite: False, running statistics finite: True" in out
