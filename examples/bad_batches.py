@@ -28,7 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     parser.add_argument("--bad", type=int, default=10, help="bad batches injected (default 10)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
     args = parser.parse_args(argv)
     if not 0 <= args.bad <= args.steps:
         parser.error(f"--bad must be between 0 and --steps ({args.steps}), got {args.bad}")
