@@ -98,8 +98,9 @@ def masked_moments(x, axes, mask=None):
     w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
     n = w.sum(tuple(axes), keepdims=True)
     safe = np.maximum(n, 1)
-    mean = (w * x).sum(tuple(axes), keepdims=True) / safe
-    var = (w * (x - mean) ** 2).sum(tuple(axes), keepdims=True) / safe
+    valid = w > 0  # an excluded element never enters, even when it is NaN
+    mean = np.where(valid, x, 0.0).sum(tuple(axes), keepdims=True) / safe
+    var = np.where(valid, (x - mean) ** 2, 0.0).sum(tuple(axes), keepdims=True) / safe
     return mean, var, n
 
 

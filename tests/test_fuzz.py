@@ -429,8 +429,9 @@ def _inputs(case: Case, dtype, mode, mask_kind, seed):
     return x, mask, params, state, g, directions
 
 
-def _run(case: Case, mode, params, state, x, mask, g):
-    """``(y, new_state, grads)`` of one training step, ``grads`` of ``sum(y * g)``."""
+def _run(case: Case, mode, params, state, x, mask, g=None):
+    """``(y, new_state, grads)`` of one training step, ``grads`` of ``sum(y * g)``
+    (None without ``g``)."""
     norm = case.norm
     if mode == "vmap":
         norm = dataclasses.replace(norm, axis_name="d")
@@ -445,6 +446,10 @@ def _run(case: Case, mode, params, state, x, mask, g):
         y, new_state = apply(p, x, mask)
         return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), (y, new_state)
 
+    if g is None:
+        step = apply if mode == "eager" else jax.jit(apply)
+        y, new_state = step(params, x, mask)
+        return y, new_state, None
     step = jax.grad(loss, argnums=(0, 1), has_aux=True)
     if mode != "eager":
         step = jax.jit(step)
@@ -560,6 +565,45 @@ def _bcast(v, case: Case, lead: int):
 def test_matches_float64_reference(drawn):
     case, opts = drawn
     check_against_reference(case, opts["dtype"], opts["mode"], opts["mask"], opts["seed"])
+
+
+STATEFUL = ("BatchNorm", "BatchRenorm", "GhostBatchNorm", "SequenceBatchNorm", "InstanceNorm")
+
+
+@examples(ci=20)
+@given(examples_of(STATEFUL), st.integers(1, 3), st.sampled_from([np.nan, np.inf, -np.inf]))
+def test_non_finite_values_leave_the_statistics_they_reach_alone(drawn, n_bad, value):
+    """NaN and Inf at random elements: every running statistic that a non-finite
+    valid element reaches keeps its value (and counts the skip); the others are
+    updated as the reference says; elements excluded by the mask never count."""
+    case, opts = drawn
+    assume(case.norm.__dataclass_fields__.get("track_running_stats") is None
+           or case.norm.track_running_stats)  # fmt: skip
+    case = dataclasses.replace(case, norm=dataclasses.replace(case.norm, count_skipped=True))
+    x, mask, params, state, _, _ = _inputs(case, DTYPES[opts["dtype"]], opts["mode"],
+                                           opts["mask"], opts["seed"])  # fmt: skip
+    rng = np.random.default_rng(opts["seed"] + 2)
+    flat = x.reshape(-1)  # a view: poisons x
+    flat[rng.choice(flat.size, min(n_bad, flat.size), replace=False)] = value
+    _, new_state, _ = _run(case, opts["mode"], params, state, x, mask)
+
+    lead = 1 if opts["mode"] == "vmap" else 0
+    p64 = _f64(params)
+    with np.errstate(invalid="ignore", over="ignore"):  # the reference meets them too
+        _, ref_state, _ = case.reference(_f64(x), p64.get("scale"), p64.get("bias"),
+                                         _f64(state), mask, lead, None)  # fmt: skip
+    hit = ~(np.isfinite(ref_state["mean"]) & np.isfinite(ref_state["var"]))
+    for k, v in new_state.items():
+        v = np.asarray(v)[0] if opts["mode"] == "vmap" else np.asarray(v)
+        if k == "skipped":
+            np.testing.assert_array_equal(v, np.asarray(state[k]) + hit, err_msg=k)
+        elif k == "step":
+            np.testing.assert_array_equal(v, np.asarray(state[k]) + 1)
+        else:
+            hit_k = np.broadcast_to(hit, np.shape(v))
+            np.testing.assert_array_equal(v[hit_k], np.asarray(state[k])[hit_k], err_msg=k)
+            np.testing.assert_allclose(v[~hit_k], ref_state[k][~hit_k], rtol=2e-5, atol=1e-4,
+                                       err_msg=k)  # fmt: skip
 
 
 # Examples the search found, kept as plain tests.
