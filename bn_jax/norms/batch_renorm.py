@@ -23,11 +23,13 @@ from bn_jax.norms._common import (
     broadcastable,
     check_batch_call,
     check_batch_fields,
+    check_state_keys,
     feature_shape,
     functional,
     init_params,
     init_running,
     other_axes,
+    running_keys,
     running_output,
     stats_config,
     update_state,
@@ -155,6 +157,7 @@ class BatchRenorm:
           ValueError: also for a state without ``"step"`` and, as
             :class:`BatchNorm`, a single value per feature in training.
         """
+        check_state_keys(state, running_keys(self), "BatchRenorm")  # a dict, first
         if "step" not in state:
             raise ValueError(
                 f"BatchRenorm: state has no 'step' (keys: {sorted(state)}); build it with "
