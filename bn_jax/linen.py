@@ -102,10 +102,10 @@ def _stateless_error(layer: str) -> TypeError:
 
 
 def _core(module: Any, core_cls: type) -> Any:
-    """``core_cls`` configured with ``module``'s attributes of the same names."""
-    return core_cls(
-        **{f.name: getattr(module, f.name) for f in dataclasses.fields(core_cls) if f.init}
-    )
+    """``core_cls`` configured with ``module``'s attributes of the same names (core
+    fields the module does not declare keep their defaults)."""
+    fields = [f.name for f in dataclasses.fields(core_cls) if f.init]
+    return core_cls(**{n: getattr(module, n) for n in fields if hasattr(module, n)})
 
 
 def _single_value_per_feature(core: Any, x: jax.Array) -> bool:
