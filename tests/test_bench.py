@@ -177,14 +177,15 @@ def test_models_report_structure():
     }
     (row,) = report["models"]
     assert row["model"] == "bn_mlp" and row["input_shape"] == [16, 32]
-    fields = ("step_ms", "compile_s", "temp_bytes", "hlo_ops", "stablehlo_ops")
+    fields = ("step_ms", "compile_s", "compile_cpu_s", "temp_bytes", "hlo_ops", "stablehlo_ops")
     for field in fields:
         assert set(row[field]) == {"bn_jax", "flax"}, field
         for v in row[field].values():
             assert v is None or v > 0, (field, v)
     result = bench_models.ModelResult(**{**row, "input_shape": tuple(row["input_shape"])})
     table = bench_models.format_models([result], ["bn_jax", "flax"])
-    for label in ("step ms", "compile s", "temp MiB", "HLO ops", "StableHLO ops", "bn_jax/flax"):
+    labels = ("step ms", "compile s", "compile CPU s", "temp MiB", "HLO ops", "StableHLO ops")
+    for label in (*labels, "bn_jax/flax"):
         assert label in table
 
 
