@@ -97,10 +97,10 @@ def private_copies(v: Any) -> Any:
     it back. An optimization barrier keeps each pass's producer its own. On
     other platforms this is the identity: XLA:GPU fuses sibling reductions and
     duplicates cheap producers by itself, and a barrier there splits fusions
-    (measured on an H100: a 4-layer training forward took twice as long with
-    barriers). The platform is chosen when the program is lowered: the copy is
-    one primitive whose CPU lowering is the barrier and whose other lowerings
-    are the identity, so no platform switch enters the program.
+    (docs/design.md). The platform is chosen when the program is lowered, not
+    at trace time: the copy is one primitive whose CPU lowering is the barrier
+    and whose other lowerings are the identity, so no platform switch enters
+    the program.
     """
     leaves, tree = jax.tree.flatten(v)
     return jax.tree.unflatten(tree, _private_copy_p.bind(*leaves))
