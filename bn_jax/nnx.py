@@ -17,38 +17,37 @@ Swap one import and keep the rest of an NNX model::
     model.train()        # batch statistics, running statistics updated
     model.eval()         # running statistics
 
-:class:`BatchNorm` takes the arguments of ``flax.nnx.BatchNorm``
-(``num_features`` positional, ``rngs``, ``use_running_average`` in the
-constructor or the call, ``scale_metadata`` / ``bias_metadata``) and keeps
-``scale`` / ``bias`` as ``nnx.Param`` and ``mean`` / ``var`` as
-``nnx.BatchStat``, with Flax's shapes: ``nnx.state(model)`` has the same tree
-as with Flax's layer. ``model.train()`` / ``model.eval()``, ``nnx.view``,
-``nnx.jit`` and ``nnx.Optimizer`` work as with Flax's layer. The other members
-of the family take ``num_features``, ``rngs`` and the arguments of the bn_jax
-normalizer they wrap.
+:class:`BatchNorm`, :class:`LayerNorm`, :class:`RMSNorm`, :class:`GroupNorm`
+and :class:`InstanceNorm` subclass the ``flax.nnx`` layer of the same name:
+Flax's own constructor makes their attributes and variables (so
+``nnx.state``, ``nnx.graphdef``, ``nnx.view``, ``set_attributes``,
+``nnx.jit`` / ``scan`` / ``vmap`` see what they see with Flax's layer), they
+take Flax's constructor and call arguments (same order and defaults, except
+the stable ``use_fast_variance=False``) and pass ``isinstance`` checks. After
+Flax's arguments come, keyword-only, the options of the bn_jax normalizer
+that Flax lacks. :class:`BatchRenorm`, :class:`GhostBatchNorm` and
+:class:`SequenceBatchNorm` take ``num_features``, ``use_running_average``, the
+options of their normalizer, ``rngs`` and ``<param>_metadata``.
 
-Every module here calls ``bn_jax.<Norm>(...).apply``; no statistics code
-lives in this file. Deliberate differences from ``flax.nnx.BatchNorm`` are
-those listed in :mod:`bn_jax.linen` (``use_fast_variance=False`` by default,
-output dtype = input dtype unless ``dtype`` is set, statistics in at least
-float32); ``promote_dtype`` is not accepted for the same reason.
+:func:`convert` switches the norm layers of an existing model to these
+drop-ins in place, keeping their variables. The deliberate differences from
+Flax are listed in the documentation's Flax page.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping
+import inspect
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, TypeVar
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.module import first_from
 
-import bn_jax
+from bn_jax import _adapter
+from bn_jax._adapter import LAYERS, Layer
 from bn_jax._nnx_tools import fold, recalibrate
-from bn_jax.linen import _plain_initializers, _stateless_error
-from bn_jax.norms._common import Initializer
 
 __all__ = [
     "BatchNorm",
@@ -57,273 +56,273 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
-    "Norm",
     "RMSNorm",
     "SequenceBatchNorm",
+    "convert",
     "fold",
     "recalibrate",
-    "wrap",
 ]
 
-Dtype = Any
-_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+M = TypeVar("M", bound=nnx.Module)
+_P = inspect.Parameter
+_NO_METADATA = MappingProxyType({})
 
 
-class Norm(nnx.Module):
-    """Base of the nnx wrappers: holds a bn_jax normalizer's config and variables.
+def _options(module: nnx.Module, layer: Layer) -> dict[str, Any]:
+    options = layer.options(lambda name, default: getattr(module, name, default))
+    if layer.flax_name == "GroupNorm" and options.get("num_groups") is not None:
+        options["group_size"] = None  # Flax's nnx GroupNorm stores both; num_groups decides
+    return options
 
-    Subclasses set ``core_cls`` (the bn_jax normalizer) and ``stateful``
-    (whether it keeps running statistics, switched by ``use_running_average``
-    and ``train()`` / ``eval()``). Config fields are plain attributes (so
-    ``set_attributes`` works on them); parameters are ``nnx.Param`` and running
-    statistics ``nnx.BatchStat``, named as in the core's ``init``.
+
+def _create_missing(
+    module: nnx.Module,
+    layer: Layer,
+    num_features: Any,
+    rngs: nnx.Rngs | None = None,
+    initializers: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Creates the normalizer's variables that ``module`` does not have yet.
+
+    Flax's constructor makes those of Flax's layers; this makes the rest
+    (all of a family member's, ``count`` for ``momentum=None``, InstanceNorm's
+    running statistics), as Flax would: one ``rngs.params()`` key per
+    parameter, ``scale`` first, ``nnx.data(None)`` for an unused parameter.
     """
+    options = _options(module, layer)
+    param_shapes, _ = layer.shapes(options, num_features)
+    for name in layer.param_names:
+        if name in vars(module):
+            continue
+        if name not in param_shapes:
+            setattr(module, name, nnx.data(None))
+            continue
+        s = param_shapes[name]
+        value = initializers[name](rngs.params(), tuple(s.shape), s.dtype)
+        setattr(module, name, nnx.Param(value, **dict(metadata[name])))
+    for name, value in layer.initial_state(options, num_features).items():
+        if name not in vars(module):
+            setattr(module, name, nnx.BatchStat(value))
 
-    core_cls: ClassVar[type]
-    stateful: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        num_features: int | tuple[int, ...],
-        *,
-        rngs: nnx.Rngs,
-        use_running_average: bool | None = False,
-        metadata: Mapping[str, Mapping[str, Any]] | None = None,
-        **config: Any,
-    ) -> None:
-        core = self.core_cls(**config)  # validates the config
-        names = tuple(f.name for f in dataclasses.fields(core) if f.init)
-        for n in names:
-            setattr(self, n, getattr(core, n))
-        self._config_names = names
-        self.num_features = num_features
-        if self.stateful:
-            self.use_running_average = use_running_average
-        elif use_running_average:
-            raise _stateless_error(type(self).__name__)
+def _init_signature(layer: Layer, base: type) -> tuple[inspect.Signature, list[str]]:
+    """The constructor's signature and the names of the arguments Flax's ``__init__``
+    does not take (passed to the normalizer instead)."""
+    if layer.flax_name:
+        flax_params = list(inspect.signature(base.__init__).parameters.values())
+        params = [
+            p.replace(default=_adapter.DEFAULTS[p.name]) if p.name in _adapter.DEFAULTS else p
+            for p in flax_params
+        ]
+        have = [p.name for p in params]
+    else:
+        params = [
+            _P("self", _P.POSITIONAL_OR_KEYWORD),
+            _P("num_features", _P.POSITIONAL_OR_KEYWORD),
+        ]
+        have = []
+    extra: list[_P] = []
+    if layer.may_keep_state and "use_running_average" not in have:
+        extra.append(_P("use_running_average", _P.KEYWORD_ONLY, default=False))
+    for f in layer.extras(have):
+        d = layer.default(f)
+        extra.append(
+            _P(f.name, _P.KEYWORD_ONLY, default=_P.empty if d is dataclasses.MISSING else d)
+        )
+    if not layer.flax_name:
+        extra.append(_P("rngs", _P.KEYWORD_ONLY))
+        extra += [
+            _P(f"{n}_metadata", _P.KEYWORD_ONLY, default=_NO_METADATA) for n in layer.param_names
+        ]
+    return inspect.Signature([*params, *extra]), [p.name for p in extra]
 
-        plain = _plain_initializers(core)
-        param_shapes, state = plain.init(num_features)
-        metadata = metadata or {}
-        for name, s in param_shapes.items():
-            init_fn = getattr(core, f"{name}_init", None)
-            if callable(init_fn):
-                value = init_fn(rngs.params(), tuple(s.shape), s.dtype)
-            else:
-                value = core.init(num_features, key=rngs.params())[0][name]
-            setattr(self, name, nnx.Param(value, **dict(metadata.get(name, {}))))
-        for n in names:  # unused affine parameters read as None, as in Flax
-            if n.startswith("use_") and getattr(core, n) is False:
-                attr = n[len("use_") :]
-                if attr not in param_shapes:
-                    setattr(self, attr, nnx.data(None))
-        self._param_names = tuple(param_shapes)
-        for name, value in state.items():
-            setattr(self, name, nnx.BatchStat(value))
-        self._state_names = tuple(state)
 
-    def core(self) -> Any:
-        """The bn_jax normalizer for the current attribute values."""
-        return self.core_cls(**{n: getattr(self, n) for n in self._config_names})
+def _make_init(layer: Layer, base: type) -> Any:
+    sig, extra_names = _init_signature(layer, base)
 
-    def __call__(
-        self, x: jax.Array, use_running_average: bool | None = None, **kwargs: Any
-    ) -> jax.Array:
-        """Normalizes ``x``; in training mode updates the ``nnx.BatchStat`` variables.
-
-        Args:
-          x: the input, with features along ``axis``.
-          use_running_average: overrides the attribute when given.
-          **kwargs: passed to the core's ``apply`` (e.g. ``mask``).
-        """
-        layer = type(self).__name__
-        if self.stateful:
-            use_ra = use_running_average
-            if use_ra is None:
-                use_ra = self.use_running_average
-            if use_ra is None:
-                raise ValueError(
-                    f"{layer}: no use_running_average was given. Pass it to the constructor "
-                    f"({layer}(..., use_running_average=False)), at call time "
-                    f"(layer(x, use_running_average=True)), or switch the model with "
-                    f"model.train() / model.eval()."
-                )
-            training = not bool(use_ra)
+    def __init__(self: nnx.Module, *args: Any, **kwargs: Any) -> None:
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        extra = {n: arguments.pop(n) for n in extra_names}
+        num_features = arguments.get("num_features", extra.get("num_features"))
+        rngs = arguments.get("rngs", extra.pop("rngs", None))
+        metadata = {n: extra.pop(f"{n}_metadata", _NO_METADATA) for n in layer.param_names}
+        # Initializers are used here only: they do not enter the graph, as in Flax.
+        initializers = {n: extra.pop(f"{n}_init", None) for n in layer.param_names}
+        if layer.flax_name:
+            base.__init__(self, **arguments)
         else:
-            if use_running_average is not None:
-                raise _stateless_error(layer)
-            training = True
-        params = {n: getattr(self, n)[...] for n in self._param_names}
-        state = {n: getattr(self, n)[...] for n in self._state_names}
-        y, new_state = self.core().apply(params, state, x, training=training, **kwargs)
-        if training:
-            for n in self._state_names:
-                getattr(self, n)[...] = new_state[n]
-        return y
+            self.num_features = num_features
+        for name, value in extra.items():
+            setattr(self, name, value)
+        _adapter.validate(layer, _options(self, layer))
+        _create_missing(self, layer, num_features, rngs, initializers, metadata)
 
-    def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by ``nnx.view(model, use_running_average=...)``."""
-        if self.stateful and use_running_average is not None:
-            self.use_running_average = use_running_average
+    __init__.__signature__ = sig  # type: ignore[attr-defined]
+    return __init__
 
 
-class BatchNorm(Norm):
-    r"""Batch Normalization as a ``flax.nnx`` Module (drop-in for ``nnx.BatchNorm``).
+def _call_signature(layer: Layer, base: type) -> inspect.Signature:
+    if layer.flax_name is None:
+        return _adapter.family_call_signature()
+    sig = inspect.signature(base.__call__)
+    if layer.may_keep_state and "use_running_average" not in sig.parameters:
+        sig = _adapter.with_keyword(sig, "use_running_average", None)
+    return sig
 
-    Training mode (``use_running_average=False``, the default, or after
-    ``model.train()``), per feature over every other axis and every device of
-    ``axis_name``::
 
-        mu, var = mean(x), mean((x - mu)**2)
-        y = (x - mu) / sqrt(var + epsilon) * scale + bias
-        mean, var <- momentum * (mean, var) + (1 - momentum) * (mu, var)
+def _apply(
+    self: nnx.Module,
+    layer: Layer,
+    x: Any,
+    use_running_average: bool | None = None,
+    mask: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """The body of every drop-in's ``__call__``."""
+    options = _options(self, layer)
+    param_shapes, state_shapes = layer.shapes(options, jnp.asarray(x))
+    params = {n: getattr(self, n)[...] for n in param_shapes}
+    stats = {n: getattr(self, n) for n in state_shapes}
+    promote = getattr(self, "promote_dtype", None)
+    if promote is not None:  # Flax's promotion: (x, [mean, var,] scale, bias)
+        values = [getattr(self, n, None) for n in layer.param_names]
+        values = [None if v is None else v[...] for v in values]
+        running = (
+            [stats[n][...] for n in ("mean", "var")] if _FLAX_PROMOTES_STATS[layer.name] else []
+        )
+        promoted = promote((x, *running, *values), dtype=getattr(self, "dtype", None))
+        x = promoted[0]
+        named = dict(zip(layer.param_names, promoted[1 + len(running) :], strict=True))
+        params = {n: named[n] for n in param_shapes}
+    training = True
+    if stats:
+        use_ra = first_from(
+            use_running_average,
+            getattr(self, "use_running_average", None),
+            error_msg=(
+                f"{type(self).__name__}: no use_running_average was given. Pass it to the "
+                f"constructor ({type(self).__name__}(..., use_running_average=False)), at call "
+                f"time (layer(x, use_running_average=True)), or switch the model with "
+                f"model.train() / model.eval() or nnx.view(model, use_running_average=...)."
+            ),
+        )
+        training = not use_ra
+    state = {n: v[...] for n, v in stats.items()}
+    y, new_state = _adapter.run(
+        layer, options, params, state, x, training=training, mask=mask, **kwargs
+    )
+    if stats and training:
+        for name, v in stats.items():
+            v[...] = _adapter.stored(new_state[name], v[...])
+    return y
 
-    Evaluation (``use_running_average=True`` or ``model.eval()``) normalizes
-    with the running statistics. The computation is
-    ``bn_jax.BatchNorm(...).apply``.
 
-    Variables: ``scale``, ``bias`` (``nnx.Param``, ``None`` when unused) and
-    ``mean``, ``var`` (``nnx.BatchStat``; plus ``count`` with
-    ``momentum=None``), all of shape ``[num_features]``.
+def _make_call(layer: Layer, sig: inspect.Signature) -> Any:
+    def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        extra = arguments.pop("kwargs", {})
+        return _apply(self, layer, **arguments, **extra)
+
+    __call__.__signature__ = sig  # type: ignore[attr-defined]
+    __call__.__doc__ = _adapter.call_doc(layer)
+    return __call__
+
+
+def set_view(self: nnx.Module, use_running_average: bool | None = None) -> None:
+    """Sets the mode for ``nnx.view``.
 
     Args:
-      num_features: the number of features (or a tuple, one size per axis of
-        a tuple ``axis``).
-      use_running_average: the mode when the call does not give one.
-      axis: the feature axis or axes (``1`` for NCHW).
-      momentum: weight of the old running statistics (Flax convention;
-        PyTorch's ``momentum=0.1`` is ``0.9``); ``None``: exact cumulative
-        average.
-      epsilon: added to the variance.
-      dtype: output dtype; ``None`` keeps the input's.
-      param_dtype: dtype of ``scale`` and ``bias``.
-      use_bias, use_scale: learn ``bias`` / ``scale``.
-      bias_init, scale_init: initializers ``(key, shape, dtype)``, drawn from
-        ``rngs.params()`` as Flax does.
-      axis_name: mapped axis whose devices share statistics.
-      axis_index_groups: synchronize within these groups only.
-      use_fast_variance: ``E[x^2] - E[x]^2`` (Flax's default); default False,
-        a formula that stays accurate when ``|mean| >> std``.
-      unbiased_running_var: the running variance tracks the unbiased batch
-        variance, as PyTorch does.
-      rngs: ``nnx.Rngs`` for the initializers.
-      bias_metadata, scale_metadata: metadata of the ``nnx.Param`` (e.g.
-        sharding).
-
-    Conventions: running statistics start at mean 0 and variance 1 with no
-    debiasing; a channel whose batch statistics are not finite keeps its
-    running statistics.
-
-    Example::
-
-        from bn_jax import nnx as bnnx
-        bn = bnnx.BatchNorm(16, momentum=0.9, rngs=nnx.Rngs(0))
-        y = bn(x)            # training: updates bn.mean, bn.var
-        bn.eval()
-        y = bn(x)            # running statistics
-
-    Reference: S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating
-    Deep Network Training by Reducing Internal Covariate Shift", ICML 2015.
+      use_running_average: if True, normalize with the running statistics; if
+        False, with the batch's (and update the running statistics).
     """
-
-    core_cls = bn_jax.BatchNorm
-
-    def __init__(
-        self,
-        num_features: int | tuple[int, ...],
-        *,
-        use_running_average: bool | None = False,
-        axis: int | tuple[int, ...] = -1,
-        momentum: float | None = 0.99,
-        epsilon: float = 1e-5,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Initializer = jax.nn.initializers.zeros,
-        scale_init: Initializer = jax.nn.initializers.ones,
-        axis_name: Hashable | None = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = False,
-        unbiased_running_var: bool = False,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
-    ) -> None:
-        super().__init__(
-            num_features,
-            rngs=rngs,
-            use_running_average=use_running_average,
-            metadata={"scale": scale_metadata, "bias": bias_metadata},
-            axis=axis,
-            momentum=momentum,
-            epsilon=epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            use_bias=use_bias,
-            use_scale=use_scale,
-            bias_init=bias_init,
-            scale_init=scale_init,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-            unbiased_running_var=unbiased_running_var,
-        )
-
-    def __call__(
-        self,
-        x: jax.Array,
-        use_running_average: bool | None = None,
-        *,
-        mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """Normalizes ``x``; in training mode updates ``mean`` and ``var``.
-
-        Args:
-          x: the input, with features along ``axis``.
-          use_running_average: overrides the attribute when given.
-          mask: boolean array broadcastable to ``x``; only True elements enter
-            the batch statistics.
-        """
-        return super().__call__(x, use_running_average, mask=mask)
+    if use_running_average is not None:
+        self.use_running_average = use_running_average
 
 
-def wrap(core_cls: type, *, stateful: bool) -> type[Norm]:
-    """An nnx Module class for the bn_jax normalizer ``core_cls``.
+def _drop_in(layer: Layer) -> type[nnx.Module]:
+    """The ``flax.nnx`` Module class for ``layer``."""
+    base = getattr(nnx, layer.flax_name) if layer.flax_name else nnx.Module
+    namespace: dict[str, Any] = {
+        "__init__": _make_init(layer, base),
+        "__call__": _make_call(layer, _call_signature(layer, base)),
+        "__module__": __name__,
+        "__qualname__": layer.name,
+    }
+    if layer.may_keep_state and not hasattr(base, "set_view"):
+        namespace["set_view"] = set_view
+    extras = [p for p in _init_signature(layer, base)[1]]
+    namespace["__doc__"] = _adapter.class_doc(layer, "flax.nnx", extras)
+    return type(layer.name, (base,), namespace)
 
-    Its constructor is ``(num_features, *, rngs, use_running_average=False,
-    **config)`` where ``config`` are the fields of ``core_cls``.
+
+# Flax's nnx BatchNorm passes its running statistics through promote_dtype.
+_FLAX_PROMOTES_STATS = {name: name == "BatchNorm" for name in LAYERS}
+
+_DROP_INS: dict[str, type[nnx.Module]] = {name: _drop_in(layer) for name, layer in LAYERS.items()}
+
+BatchNorm = _DROP_INS["BatchNorm"]
+LayerNorm = _DROP_INS["LayerNorm"]
+RMSNorm = _DROP_INS["RMSNorm"]
+GroupNorm = _DROP_INS["GroupNorm"]
+InstanceNorm = _DROP_INS["InstanceNorm"]
+BatchRenorm = _DROP_INS["BatchRenorm"]
+GhostBatchNorm = _DROP_INS["GhostBatchNorm"]
+SequenceBatchNorm = _DROP_INS["SequenceBatchNorm"]
+
+
+def convert(model: M, **overrides: Any) -> M:
+    """Switches every Flax norm layer of ``model`` to its bn_jax drop-in, in place.
+
+    Each ``flax.nnx`` BatchNorm, LayerNorm, RMSNorm, GroupNorm and
+    InstanceNorm of ``model`` (``model`` itself included) becomes the drop-in
+    of this module: the same object, with the same ``Param`` / ``BatchStat``
+    variables and attributes, computing with bn_jax from now on. The stable
+    variance replaces Flax's fast one unless ``use_fast_variance=True`` is
+    passed. ``overrides`` set bn_jax options on every converted layer that has
+    them (drop-ins already in the model included): e.g.
+    ``convert(model, axis_name="batch")`` makes every BatchNorm a
+    count-weighted synchronized BatchNorm.
+
+    Args:
+      model: an nnx Module.
+      **overrides: bn_jax options (fields of the normalizers).
+
+    Returns:
+      ``model``, converted.
+
+    Raises:
+      TypeError: an override that no norm layer has.
     """
-    layer = core_cls.__name__
-    doc = (
-        f"``bn_jax.{layer}`` as a ``flax.nnx`` Module.\n\n"
-        f"``{layer}(num_features, *, rngs, **config)`` with the config of "
-        f"``bn_jax.{layer}``; parameters are ``nnx.Param``"
-        + (
-            ", running statistics ``nnx.BatchStat`` (switched by ``use_running_average``, "
-            "``model.train()`` / ``model.eval()``)."
-            if stateful
-            else "."
-        )
-        + f"\n\nSee ``bn_jax.{layer}`` for the formula and the paper."
-    )
-    return type(
-        layer,
-        (Norm,),
-        {
-            "core_cls": core_cls,
-            "stateful": stateful,
-            "__module__": __name__,
-            "__qualname__": layer,
-            "__doc__": doc,
-        },
-    )
-
-
-BatchRenorm = wrap(bn_jax.BatchRenorm, stateful=True)
-GhostBatchNorm = wrap(bn_jax.GhostBatchNorm, stateful=True)
-SequenceBatchNorm = wrap(bn_jax.SequenceBatchNorm, stateful=True)
-InstanceNorm = wrap(bn_jax.InstanceNorm, stateful=True)
-GroupNorm = wrap(bn_jax.GroupNorm, stateful=False)
-LayerNorm = wrap(bn_jax.LayerNorm, stateful=False)
-RMSNorm = wrap(bn_jax.RMSNorm, stateful=False)
+    _adapter.check_overrides(overrides)
+    flax_classes = {getattr(nnx, name): name for name in _adapter.FLAX_NAMES}
+    for _, module in list(nnx.iter_modules(model)):
+        name = flax_classes.get(type(module))
+        if name is None:
+            name = next((n for n, c in _DROP_INS.items() if type(module) is c), None)
+            if name is None:
+                continue
+        else:
+            module.__class__ = _DROP_INS[name]
+            for field, default in _adapter.DEFAULTS.items():
+                if hasattr(module, field):
+                    setattr(module, field, default)
+        layer = LAYERS[name]
+        have = [n for n in vars(module)]
+        for f in layer.extras(have):
+            setattr(module, f.name, layer.default(f))
+        if layer.may_keep_state and not hasattr(module, "use_running_average"):
+            module.use_running_average = False
+        for field, value in overrides.items():
+            if field in layer.option_names:
+                setattr(module, field, value)
+        _adapter.validate(layer, _options(module, layer))
+        if layer.may_keep_state:  # e.g. count for momentum=None
+            num_features = getattr(module, "num_features", None) or tuple(module.mean.shape)
+            _create_missing(module, layer, num_features)
+    return model

@@ -297,14 +297,25 @@ def test_init_writes_no_statistics_and_runs_no_collective():
     chex.assert_trees_all_close(outs[0][1], s_single, rtol=1e-5)
 
 
-def test_init_with_one_example_per_feature():
-    """A dummy batch of one, as in ``model.init(key, jnp.ones((1, n)))``, must init."""
-    x = jnp.ones((1, 5))
-    v_ours = bnn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
-    v_flax = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
-    assert _tree_spec(v_ours) == _tree_spec(v_flax)
+def test_one_example_per_feature_works_as_in_flax_strict_check_opt_in():
+    """A batch of one, as in ``model.init(key, jnp.ones((1, n)))``: Flax's result
+    (variance 0, output = bias); ``allow_single_value=False`` raises in training
+    but still lets ``init`` run on such a dummy batch."""
+    x = 1.0 + jax.random.normal(jax.random.key(0), (1, 5))
+    bias_init = nn.initializers.normal(1.0)
+    ours = bnn.BatchNorm(use_running_average=False, bias_init=bias_init)
+    theirs = nn.BatchNorm(use_running_average=False, bias_init=bias_init)
+    v_ours, v_flax = (m.init(jax.random.key(0), x) for m in (ours, theirs))
+    chex.assert_trees_all_equal(v_ours, v_flax)
+    y, upd = ours.apply(v_ours, x, mutable=["batch_stats"])
+    y_flax, upd_flax = theirs.apply(v_flax, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, v_ours["params"]["bias"][None], rtol=1e-6)
+    chex.assert_trees_all_close((y, upd), (y_flax, upd_flax), rtol=1e-6)
+
+    strict = bnn.BatchNorm(use_running_average=False, allow_single_value=False)
+    variables = strict.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="single value per feature"):
-        bnn.BatchNorm(use_running_average=False).apply(v_ours, x, mutable=["batch_stats"])
+        strict.apply(variables, x, mutable=["batch_stats"])
 
 
 def test_use_running_average_rules_match_flax():
@@ -323,14 +334,10 @@ def test_use_running_average_rules_match_flax():
 
 def test_config_errors_name_the_argument():
     x = jnp.ones((4, 3))
-    with pytest.raises(ValueError, match="force_float32_reductions"):
-        bnn.BatchNorm(use_running_average=True, force_float32_reductions=False).init(
-            jax.random.key(0), x
-        )
     with pytest.raises(ValueError, match="momentum"):
         bnn.BatchNorm(use_running_average=True, momentum=1.5).init(jax.random.key(0), x)
-    with pytest.raises(TypeError, match="floating-point"):
-        bnn.BatchNorm(use_running_average=True).init(jax.random.key(0), jnp.ones((4, 3), int))
+    with pytest.raises(ValueError, match="epsilon"):
+        bnn.LayerNorm(epsilon=-1.0).init(jax.random.key(0), x)
 
 
 # -- the other members of the family ----------------------------------------------

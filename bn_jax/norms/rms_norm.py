@@ -60,7 +60,9 @@ def rms_normalize(
     if axis_name is not None:
         n = jnp.broadcast_to(n, ss.shape)
         ss, n = group_sum(jnp.stack([ss, n]), axis_name, axis_index_groups)
-    y = xf * lax.rsqrt(ss / jnp.maximum(n, 1) + epsilon)
+    # A row with no valid element is passed through (mean square 1), not amplified.
+    ms = jnp.where(n > 0, ss / jnp.maximum(n, 1), 1.0)
+    y = xf * lax.rsqrt(ms + epsilon)
     if scale is not None:
         y = y * scale.astype(dt)
     return y.astype(out_dtype)
