@@ -308,8 +308,8 @@ def option_names() -> set[str]:
 
 
 def check_overrides(overrides: Mapping[str, Any]) -> None:
-    """Raises TypeError for an override that no drop-in has; validates the values
-    on every normalizer that has all of them."""
+    """Raises TypeError for an override that no drop-in has (values are checked by
+    each normalizer when it is built)."""
     unknown = sorted(set(overrides) - option_names())
     if unknown:
         raise TypeError(
