@@ -92,7 +92,9 @@ def batch_normalize(
         axis_index_groups=cfg.axis_index_groups,
         fast_variance=cfg.fast_variance,
     )
-    var = m.var
+    # A group with no valid element (mean 0 there) is passed through with
+    # variance 1, not amplified by 1 / sqrt(epsilon).
+    var = jnp.where(m.count > 0, m.var, 1.0)
     y = affine(x, m.mean, lax.rsqrt(var + cfg.epsilon), scale, bias, cfg.out_dtype)
     return y, m.mean, var, m.count
 

@@ -48,10 +48,8 @@ class Moments(NamedTuple):
 
     @property
     def var(self) -> jax.Array:
-        """Biased (population) variance ``M2 / n``; 1 where ``n`` is 0 (with the mean 0
-        there, a group with no valid element is passed through, not amplified by
-        ``1 / sqrt(epsilon)``)."""
-        return jnp.where(self.count > 0, self.m2 / jnp.maximum(self.count, 1), 1.0)
+        """Biased (population) variance ``M2 / n``; 0 where ``n`` is 0."""
+        return self.m2 / jnp.maximum(self.count, 1)
 
 
 def local_moments(
