@@ -179,6 +179,7 @@ NORMALIZERS: dict[str, Entry] = {
             {},
         ),
         lambda config: {},
+        variants={"memory_efficient": ({"memory_efficient": True}, False)},
         split=("reduced", {}),
     ),
     "InstanceNorm": Entry(

@@ -367,3 +367,27 @@ def test_transformer_benchmark_row():
     assert ratios["none"]["time_vs_bn_jax"] is None  # bn_jax's plain layer was not run
     table = bench_transformer.format_result(result)
     assert "bn_jax memory_efficient" in table and "temp / none" in table
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_group_norm_memory_efficient_gradients_equal_plain(masked):
+    x, scale, bias, g = inputs((2, 5, 5, 8), (8,))
+    mask = None
+    if masked:
+        mask = jnp.asarray(np.random.default_rng(2).random((2, 5, 5, 1)) < 0.7)
+    params = {"scale": scale, "bias": bias}
+
+    def grads_of(memory_efficient):
+        norm = bn_jax.GroupNorm(num_groups=2, memory_efficient=memory_efficient)
+
+        def loss(p, x):
+            return jnp.sum(norm.apply(p, {}, x, training=True, mask=mask)[0] * g)
+
+        return jax.jit(jax.grad(loss, (0, 1)))(params, x)
+
+    got, want = grads_of(True), grads_of(False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="forward-mode"):
+        norm = bn_jax.GroupNorm(num_groups=2, memory_efficient=True)
+        jax.jvp(lambda x: norm.apply(params, {}, x, training=True)[0], (x,), (g,))

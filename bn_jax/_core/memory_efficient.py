@@ -41,6 +41,8 @@ which keeps the error finite and below about ``|x_hat| + |bias| / 2``. Where
 from it: that feature's ``dscale`` comes out 0 (the plain layer gives
 ``sum(g * x_hat)``), so a scale that starts at zero does not learn.
 
+GroupNorm uses ``layer_norm_saving_output`` on its input split into groups.
+
 Only reverse mode is defined (``jax.vjp``, ``jax.grad``); forward mode
 (``jax.jvp``, ``jax.jacfwd``) raises JAX's ``TypeError`` for custom VJPs.
 """

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bn_jax._core import checks
+from bn_jax._core.memory_efficient import layer_norm_saving_output
 from bn_jax._core.normalize import batch_normalize
 from bn_jax.norms._common import (
     Initializer,
@@ -68,6 +69,10 @@ class GroupNorm:
         (spatial or sequence parallelism), as in ``flax.linen.GroupNorm``.
       axis_index_groups: merge within these groups of devices only.
       use_fast_variance: ``E[x^2] - E[x]^2`` instead of the shifted formula.
+      memory_efficient: compute the backward pass from the output and the
+        per-group statistics, so that training does not keep ``x`` (pays when
+        the next layer keeps the output, e.g. an activation's backward pass).
+        Reverse mode only; see the memory-efficient page of the docs.
 
     Example::
 
@@ -92,6 +97,7 @@ class GroupNorm:
     axis_name: Hashable | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
+    memory_efficient: bool = False
 
     def __post_init__(self) -> None:
         if (self.num_groups is None) == (self.group_size is None):
@@ -194,6 +200,9 @@ class GroupNorm:
                 mask = mask.reshape((*mask.shape[:c], *split[c : c + 2], *mask.shape[c + 1 :]))
         scale, bias = (None if a is None else a.reshape(pshape) for a in (aff.scale, aff.bias))
         cfg = stats_config(self, reduce_g, out_dtype(self, x))
+        if self.memory_efficient:
+            y = layer_norm_saving_output(x.reshape(split), scale, bias, mask, cfg)
+            return y.reshape(x.shape), state
         y, _, _, _ = batch_normalize(x.reshape(split), scale, bias, mask, cfg)
         return y.reshape(x.shape), state
 
