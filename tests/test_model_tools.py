@@ -1,7 +1,9 @@
 """Whole-model recalibration and folding: bn_jax.linen / bn_jax.nnx recalibrate and fold.
 
 The models are small ResNets written here in plain flax.linen / flax.nnx, in
-the style of Flax's ImageNet example. References, computed without bn_jax:
+the style of Flax's ImageNet example, and the ResNet-18 of tests/models.py,
+with Flax's own BatchNorm and with bn_jax's drop-ins. References, computed
+without bn_jax:
 
 * training-mode recalibration: Flax's own training step with ``momentum=0``
   and ``use_fast_variance=False`` on each batch gives every BatchNorm's batch
@@ -37,6 +39,7 @@ import bn_jax.linen
 import bn_jax.nnx
 from tests import reference as ref
 from tests.devices import require_devices
+from tests.models import NNXResNet18, ResNet18
 
 DEPTH = 7  # BatchNorms on the longest path through Net / NNet
 SIZES = (8, 8, 5)  # an uneven last batch
@@ -44,6 +47,7 @@ RNG = np.random.default_rng(0)
 DATA = RNG.normal(1.0, 2.0, size=(sum(SIZES), 8, 8, 3)).astype(np.float32)
 BATCHES = np.split(DATA, np.cumsum(SIZES)[:-1])
 X_NEW = RNG.normal(0.5, 1.5, size=(3, 8, 8, 3)).astype(np.float32)
+X_NEW2 = RNG.normal(0.5, 1.5, size=(3, 16, 16, 3)).astype(np.float32)
 
 # Folded pairs of Net / NNet: every Conv/Dense directly followed by a BatchNorm,
 # except the head's first Dense, whose output also feeds a residual add.
@@ -562,3 +566,59 @@ def test_linen_recalibrate_keeps_each_layers_variance_convention():
     np.testing.assert_allclose(
         new["batch_stats"]["UnbiasedBatchNorm_0"]["var"], var * n / (n - 1), rtol=1e-5
     )
+
+
+# ------------------------------------------- ResNet-18, Flax's layers and bn_jax's drop-ins
+
+IMAGES = RNG.normal(1.0, 2.0, size=(8, 16, 16, 3)).astype(np.float32)
+RESNET_BATCHES = (IMAGES[:4], IMAGES[4:])
+RESNET_NORMS = 20  # stem, two per basic block, three projections: each after a conv
+
+
+def _momentum_zero(norm_cls):
+    """``norm_cls`` whose running statistics become each batch's (momentum 0)."""
+    return lambda *args, **kwargs: norm_cls(*args, **{**kwargs, "momentum": 0.0})
+
+
+@pytest.mark.parametrize("norm_cls", [nn.BatchNorm, bn_jax.linen.BatchNorm], ids=["flax", "bn_jax"])
+def test_linen_resnet18_recalibrate_and_fold(norm_cls):
+    model = ResNet18(norm_cls=norm_cls)
+    variables = random_variables(model, IMAGES[:4], seed=4, train=False)
+    new = bn_jax.linen.recalibrate(
+        model,
+        variables,
+        RESNET_BATCHES,
+        forward=lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"]),
+        progress=False,
+    )
+    # Reference: Flax's own BatchNorm (accurate variance), one training step per batch.
+    flax_model = ResNet18(norm_cls=_momentum_zero(partial(nn.BatchNorm, use_fast_variance=False)))
+    want = pooled([flax_batch_stats(flax_model, variables, b) for b in RESNET_BATCHES], (4, 4))
+    assert_stats_close(new["batch_stats"], want)
+
+    folded, fvars = bn_jax.linen.fold(model, new, IMAGES[:4], train=False)
+    assert len(folded.folded) == RESNET_NORMS and "batch_stats" not in fvars
+    want = jax.jit(partial(model.apply, train=False))(new, X_NEW2)
+    _close(jax.jit(partial(folded.apply, train=False))(fvars, X_NEW2), want, 1e-5)
+
+
+@pytest.mark.parametrize("norm_cls", [nnx.BatchNorm, bn_jax.nnx.BatchNorm], ids=["flax", "bn_jax"])
+def test_nnx_resnet18_recalibrate_and_fold(norm_cls):
+    model = random_nnx(lambda: NNXResNet18(norm_cls=norm_cls, rngs=nnx.Rngs(0)), seed=5)
+    # Reference: the same variables in the model built with Flax's own BatchNorm.
+    flax_model = nnx.eval_shape(
+        lambda: NNXResNet18(
+            norm_cls=partial(nnx.BatchNorm, use_fast_variance=False), rngs=nnx.Rngs(0)
+        )
+    )
+    nnx.update(flax_model, nnx.state(model))
+    want = pooled([nnx_batch_stats(flax_model, b) for b in RESNET_BATCHES], (4, 4))
+    model.train()
+    bn_jax.nnx.recalibrate(model, RESNET_BATCHES, progress=False)
+    assert_stats_close(_nnx_stats(model), want)
+
+    model.eval()
+    folded = bn_jax.nnx.fold(model, IMAGES[:4])
+    kinds = [type(m).__name__ for _, m in nnx.iter_modules(folded)]
+    assert kinds.count("FoldedBatchNorm") == RESNET_NORMS and "BatchNorm" not in kinds
+    _close(nnx_apply(folded, X_NEW2), nnx_apply(model, X_NEW2), 1e-5)
