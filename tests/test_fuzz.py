@@ -358,6 +358,7 @@ def _draw_per_example(draw, name: str) -> Case:
     red_arg, _ = _axes(draw, ndim, list(range(ndim)), max_len=3)
     feat_arg, _ = _axes(draw, ndim, list(range(ndim)))
     cfg = {**_common(draw), "reduction_axes": red_arg, "feature_axes": feat_arg}
+    cfg["memory_efficient"] = draw(st.booleans())  # the backward pass from the output
     if name == "RMSNorm":
         del cfg["use_bias"]
     return case_for(getattr(bn_jax, name)(**cfg), shape)
