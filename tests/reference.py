@@ -93,7 +93,8 @@ def conv2d_nhwc(x, kernel, bias=None, padding="SAME"):
 
 def masked_moments(x, axes, mask=None):
     """Mean, biased variance and count over ``axes`` (keepdims), float64, valid
-    elements only; a group with no valid element has mean 0, variance 0, count 0."""
+    elements only; a group with no valid element has mean 0, variance 1 (it is
+    passed through, not amplified by ``1 / sqrt(eps)``), count 0."""
     x = np.asarray(x, np.float64)
     w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
     n = w.sum(tuple(axes), keepdims=True)
@@ -101,7 +102,7 @@ def masked_moments(x, axes, mask=None):
     valid = w > 0  # an excluded element never enters, even when it is NaN
     mean = np.where(valid, x, 0.0).sum(tuple(axes), keepdims=True) / safe
     var = np.where(valid, (x - mean) ** 2, 0.0).sum(tuple(axes), keepdims=True) / safe
-    return mean, var, n
+    return mean, np.where(n > 0, var, 1.0), n
 
 
 def _masked_moments(x, axes, mask):
@@ -132,7 +133,8 @@ def rms_norm(x, scale=None, reduction_axes=-1, feature_axes=-1, eps=1e-6, mask=N
     red = axes_of(x.ndim, reduction_axes)
     fa = axes_of(x.ndim, feature_axes)
     w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
-    ms = (w * x * x).sum(red, keepdims=True) / np.maximum(w.sum(red, keepdims=True), 1)
+    n = w.sum(red, keepdims=True)
+    ms = np.where(n > 0, (w * x * x).sum(red, keepdims=True) / np.maximum(n, 1), 1.0)
     return _scale_shift(x / np.sqrt(ms + eps), scale, None, fa)
 
 

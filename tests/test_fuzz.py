@@ -621,6 +621,19 @@ REGRESSIONS = {
                          feature_axis=1),
         (4, 4, 4, 2), "float32", "jit", None, 4,
     ),
+    # a channel with no valid element: r from the variance the normalization uses (1)
+    "renorm-empty-channel": (
+        bn_jax.BatchRenorm(momentum=0.9), (4, 3), "float32", "jit", "dead channel", 0,
+    ),
+    # memory_efficient: an empty group passes through as without it
+    "layer-norm-memory-efficient-empty-group": (
+        bn_jax.LayerNorm(memory_efficient=True, reduction_axes=0, feature_axes=-1),
+        (3, 4), "float32", "jit", "dead channel", 0,
+    ),
+    "rms-norm-memory-efficient-empty-group": (
+        bn_jax.RMSNorm(memory_efficient=True, reduction_axes=0, feature_axes=-1),
+        (3, 4), "float32", "jit", "dead channel", 0,
+    ),
 }  # fmt: skip
 
 

@@ -138,7 +138,9 @@ def rms_statistics(
         n = jnp.sum(mask, axes, keepdims=True, dtype=dt)
     if axis_name is not None:
         ss, n = group_sum(jnp.stack([ss, n]), axis_name, axis_index_groups)
-    return lax.rsqrt(ss / jnp.maximum(n, 1) + epsilon), n
+    # A group with no valid element is passed through (mean square 1), as in RMSNorm.
+    ms = jnp.where(n > 0, ss / jnp.maximum(n, 1), 1.0)
+    return lax.rsqrt(ms + epsilon), n
 
 
 def scale_floor(dtype: Any) -> float:
@@ -164,7 +166,8 @@ def _layer_norm_forward(x, scale, bias, mask, cfg, in_dtype):
         axis_index_groups=cfg.axis_index_groups,
         fast_variance=cfg.fast_variance,
     )
-    inv = lax.rsqrt(m.var + cfg.epsilon)
+    var = jnp.where(m.count > 0, m.var, 1.0)  # as batch_normalize: an empty group passes
+    inv = lax.rsqrt(var + cfg.epsilon)
     y = _kept(lambda: affine(x, m.mean, inv, scale, bias, cfg.out_dtype), inv)
     return y, (y, inv, m.count, scale, bias, mask)
 

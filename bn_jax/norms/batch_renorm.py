@@ -195,7 +195,8 @@ def _renorm_affine(
     run_std = jnp.sqrt(run_var + norm.epsilon)
     rmax = _limit(norm.rmax, state["step"], dt)
     dmax = _limit(norm.dmax, state["step"], dt)
-    r = jnp.clip(jnp.sqrt(batch.var + norm.epsilon) / run_std, 1.0 / rmax, rmax)
+    var = jnp.where(batch.count > 0, batch.var, 1.0)  # the variance batch_normalize uses
+    r = jnp.clip(jnp.sqrt(var + norm.epsilon) / run_std, 1.0 / rmax, rmax)
     d = jnp.clip((batch.mean - run_mean) / run_std, -dmax, dmax)
     r, d = lax.stop_gradient(r), lax.stop_gradient(d)
     scale = r if aff.scale is None else aff.scale.astype(dt) * r
