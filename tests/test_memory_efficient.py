@@ -40,13 +40,16 @@ def plain(kind, x, scale, bias, mask=None, axes=(-1,), out_dtype=None):
     dt = jnp.promote_types(jnp.float32, x.dtype)
     xf = x.astype(dt)
     w = jnp.ones_like(xf) if mask is None else jnp.broadcast_to(mask, x.shape).astype(dt)
-    n = jnp.maximum(jnp.sum(w, axes, keepdims=True), 1)
+    count = jnp.sum(w, axes, keepdims=True)
+    n = jnp.maximum(count, 1)
+    # a row with no valid element is passed through (variance 1)
     if kind == "layer":
         mean = jnp.sum(w * xf, axes, keepdims=True) / n
-        var = jnp.sum(w * (xf - mean) ** 2, axes, keepdims=True) / n
+        var = jnp.where(count > 0, jnp.sum(w * (xf - mean) ** 2, axes, keepdims=True) / n, 1.0)
         y = (xf - mean) / jnp.sqrt(var + EPS)
     else:
-        y = xf / jnp.sqrt(jnp.sum(w * xf * xf, axes, keepdims=True) / n + EPS)
+        ms = jnp.where(count > 0, jnp.sum(w * xf * xf, axes, keepdims=True) / n, 1.0)
+        y = xf / jnp.sqrt(ms + EPS)
     if scale is not None:
         y = y * scale
     if bias is not None and kind == "layer":
@@ -63,13 +66,16 @@ def torch_vjp(kind, x, scale, bias, g, mask=None, axes=(-1,)):
     axes = tuple(a % np.ndim(x) for a in axes)
     xt = t["x"]
     w = torch.ones_like(xt) if mask is None else torch.tensor(np.broadcast_to(mask, x.shape) * 1.0)
-    n = torch.clamp(w.sum(axes, keepdim=True), min=1)
+    count = w.sum(axes, keepdim=True)
+    n = torch.clamp(count, min=1)
+    one = torch.ones_like(count)
     if kind == "layer":
         mean = (w * xt).sum(axes, keepdim=True) / n
-        var = (w * (xt - mean) ** 2).sum(axes, keepdim=True) / n
+        var = torch.where(count > 0, (w * (xt - mean) ** 2).sum(axes, keepdim=True) / n, one)
         y = (xt - mean) / torch.sqrt(var + EPS)
     else:
-        y = xt / torch.sqrt((w * xt * xt).sum(axes, keepdim=True) / n + EPS)
+        ms = torch.where(count > 0, (w * xt * xt).sum(axes, keepdim=True) / n, one)
+        y = xt / torch.sqrt(ms + EPS)
     if t["scale"] is not None:
         y = y * t["scale"]
     if t["bias"] is not None and kind == "layer":
