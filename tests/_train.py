@@ -94,4 +94,7 @@ def train(trainer: Trainer, carry, xs, ts, steps=None):
     params, opt_state, bn_state = carry
     for i in range(len(xs)) if steps is None else steps:
         params, opt_state, bn_state, _ = trainer.step(params, opt_state, bn_state, xs[i], ts[i])
+        # One step in flight at a time: XLA:CPU's in-process collectives can
+        # deadlock when two executions of a multi-device program overlap.
+        jax.block_until_ready(params)
     return params, opt_state, bn_state
