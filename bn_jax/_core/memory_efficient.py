@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax._core.normalize import StatsConfig, affine
-from bn_jax._core.stats import group_sum, moments
+from bn_jax._core.stats import group_sum, moments, normalizing_var
 
 
 def layer_norm_saving_output(
@@ -139,7 +139,7 @@ def rms_statistics(
     if axis_name is not None:
         ss, n = group_sum(jnp.stack([ss, n]), axis_name, axis_index_groups)
     # A group with no valid element is passed through (mean square 1), as in RMSNorm.
-    ms = jnp.where(n > 0, ss / jnp.maximum(n, 1), 1.0)
+    ms = ss / n if mask is None else jnp.where(n > 0, ss / jnp.maximum(n, 1), 1.0)
     return lax.rsqrt(ms + epsilon), n
 
 
@@ -166,7 +166,7 @@ def _layer_norm_forward(x, scale, bias, mask, cfg, in_dtype):
         axis_index_groups=cfg.axis_index_groups,
         fast_variance=cfg.fast_variance,
     )
-    var = jnp.where(m.count > 0, m.var, 1.0)  # as batch_normalize: an empty group passes
+    var = normalizing_var(m, mask)
     inv = lax.rsqrt(var + cfg.epsilon)
     y = _kept(lambda: affine(x, m.mean, inv, scale, bias, cfg.out_dtype), inv)
     return y, (y, inv, m.count, scale, bias, mask)

@@ -24,7 +24,8 @@ second-order reverse mode differentiates the transposed map as ordinary JAX.
 
 from __future__ import annotations
 
-from functools import partial
+import math
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import jax
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax._core.checks import AxisName, stat_dtype
-from bn_jax._core.stats import group_sum, moments, private_copies
+from bn_jax._core.stats import group_sum, moments, normalizing_var, private_copies
 
 
 class StatsConfig(NamedTuple):
@@ -92,9 +93,7 @@ def batch_normalize(
         axis_index_groups=cfg.axis_index_groups,
         fast_variance=cfg.fast_variance,
     )
-    # A group with no valid element (mean 0 there) is passed through with
-    # variance 1, not amplified by 1 / sqrt(epsilon).
-    var = jnp.where(m.count > 0, m.var, 1.0)
+    var = normalizing_var(m, mask)
     y = affine(x, m.mean, lax.rsqrt(var + cfg.epsilon), scale, bias, cfg.out_dtype)
     return y, m.mean, var, m.count
 
@@ -105,10 +104,15 @@ def _batch_normalize_jvp(cfg, primals, tangents):
     dx, dscale, dbias, _ = tangents
     y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
     inv = lax.rsqrt(var + cfg.epsilon)
-    dy, dmean, dvar = jax.checkpoint(partial(_tangent_map, cfg), prevent_cse=False)(
-        x, mean, inv, count, scale, mask, dx, dscale, dbias
-    )
+    dy, dmean, dvar = _remat_tangent_map(cfg)(x, mean, inv, count, scale, mask, dx, dscale, dbias)
     return (y, mean, var, count), (dy, dmean, dvar, jnp.zeros_like(count))
+
+
+@lru_cache(maxsize=256)
+def _remat_tangent_map(cfg: StatsConfig):
+    # One function object per configuration: jax.checkpoint caches its traced
+    # jaxpr on the function, so same-shaped layers trace the tangent map once.
+    return jax.checkpoint(partial(_tangent_map, cfg), prevent_cse=False)
 
 
 def _tangent_map(cfg, x, mean, inv, count, scale, mask, dx, dscale, dbias):
@@ -125,12 +129,15 @@ def _tangent_map(cfg, x, mean, inv, count, scale, mask, dx, dscale, dbias):
     x_hat_c = (x_c.astype(dt) - mean_c) * inv_c
     dxf = dx.astype(dt)
     w = dxf if mask is None else jnp.where(mask, dxf, 0)
-    sums = jnp.stack(
-        [jnp.sum(w, cfg.axes, keepdims=True), jnp.sum(w * x_hat, cfg.axes, keepdims=True)]
-    )
-    sums = group_sum(sums, cfg.axis_name, cfg.axis_index_groups)
-    n = jnp.maximum(count, 1)
-    r0, r1 = sums[0] / n, sums[1] / n  # mean of dx, mean of dx * x_hat
+    s0, s1 = jnp.sum(w, cfg.axes, keepdims=True), jnp.sum(w * x_hat, cfg.axes, keepdims=True)
+    if cfg.axis_name is not None:  # one collective for both sums
+        s0, s1 = group_sum(jnp.stack([s0, s1]), cfg.axis_name, cfg.axis_index_groups)
+    # Unmasked on one device, the count is the static size of the reduction
+    # (the array only carries it): dividing by that constant keeps the program small.
+    n = math.prod(x.shape[i] for i in cfg.axes)
+    if mask is not None or cfg.axis_name is not None or n == 0:
+        n = jnp.maximum(count, 1)
+    r0, r1 = s0 / n, s1 / n  # mean of dx, mean of dx * x_hat
     a = inv if scale is None else inv * scale.astype(dt)
     db = 0.0 if dbias is None else dbias.astype(dt)
     ds = 0.0 if dscale is None else dscale.astype(dt)

@@ -52,6 +52,14 @@ class Moments(NamedTuple):
         return self.m2 / jnp.maximum(self.count, 1)
 
 
+def normalizing_var(m: Moments, mask: jax.Array | None) -> jax.Array:
+    """The variance to normalize with: ``m.var``, and 1 for a group with no valid
+    element (mean 0 there), which then passes through rather than being
+    amplified by ``1 / sqrt(epsilon)``. Without a mask every group of a
+    non-empty input has elements, so no test enters the program."""
+    return m.var if mask is None else jnp.where(m.count > 0, m.var, 1.0)
+
+
 def local_moments(
     x: jax.Array,
     axes: tuple[int, ...],

@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 
 from bn_jax._core.normalize import batch_normalize
-from bn_jax._core.stats import moments
+from bn_jax._core.stats import moments, normalizing_var
 from bn_jax.norms._common import (
     Call,
     Initializer,
@@ -195,7 +195,7 @@ def _renorm_affine(
     run_std = jnp.sqrt(run_var + norm.epsilon)
     rmax = _limit(norm.rmax, state["step"], dt)
     dmax = _limit(norm.dmax, state["step"], dt)
-    var = jnp.where(batch.count > 0, batch.var, 1.0)  # the variance batch_normalize uses
+    var = normalizing_var(batch, mask)  # the variance batch_normalize uses
     r = jnp.clip(jnp.sqrt(var + norm.epsilon) / run_std, 1.0 / rmax, rmax)
     d = jnp.clip((batch.mean - run_mean) / run_std, -dmax, dmax)
     r, d = lax.stop_gradient(r), lax.stop_gradient(d)

@@ -61,7 +61,7 @@ def rms_normalize(
         n = jnp.broadcast_to(n, ss.shape)
         ss, n = group_sum(jnp.stack([ss, n]), axis_name, axis_index_groups)
     # A row with no valid element is passed through (mean square 1), not amplified.
-    ms = jnp.where(n > 0, ss / jnp.maximum(n, 1), 1.0)
+    ms = ss / n if mask is None else jnp.where(n > 0, ss / jnp.maximum(n, 1), 1.0)
     y = xf * lax.rsqrt(ms + epsilon)
     if scale is not None:
         y = y * scale.astype(dt)
