@@ -200,19 +200,39 @@ def bn_mlp(library: str, tiny: bool) -> Model:
     return Model(MLP(hidden, depth, 10, norm_class(library, "BatchNorm")), x, y)
 
 
-def _transformer(library: str, tiny: bool, norm: str, memory_efficient: bool) -> Model:
-    """The pre-norm transformer of :mod:`bn_jax.bench_transformer` with ``norm``."""
-    from bn_jax import bench_transformer
+class TransformerLM(nn.Module):
+    """A pre-norm transformer language model: embedding, ``blocks`` x (norm ->
+    self-attention -> residual, norm -> GELU MLP -> residual), final norm,
+    linear head; ``(batch, seq)`` tokens to ``(batch, seq, vocab)`` logits."""
 
+    vocab: int
+    d_model: int
+    heads: int
+    blocks: int
+    norm_cls: Any
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool) -> jax.Array:  # train: no dropout
+        x = nn.Embed(self.vocab, self.d_model)(tokens)
+        for _ in range(self.blocks):
+            h = self.norm_cls()(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h)
+            h = self.norm_cls()(x)
+            x = x + nn.Dense(self.d_model)(jax.nn.gelu(nn.Dense(4 * self.d_model)(h)))
+        return nn.Dense(self.vocab)(self.norm_cls()(x))
+
+
+def _transformer(library: str, tiny: bool, norm: str, memory_efficient: bool) -> Model:
     cls = norm_class(library, norm)
     if memory_efficient and library == "bn_jax":
         cls = partial(cls, memory_efficient=True)
-    sizes = bench_transformer.TINY if tiny else bench_transformer.FULL
+    vocab, d_model, heads, blocks, batch, seq = (
+        (64, 32, 2, 2, 2, 16) if tiny else (1024, 256, 4, 4, 8, 256)
+    )
     kx, ky = jax.random.split(jax.random.key(0))
-    shape = (sizes["batch"], sizes["seq"])
-    tokens = jax.random.randint(kx, shape, 0, sizes["vocab"])
-    labels = jax.random.randint(ky, shape, 0, sizes["vocab"])
-    return Model(bench_transformer.make_model(cls, sizes), tokens, labels)
+    tokens = jax.random.randint(kx, (batch, seq), 0, vocab)
+    labels = jax.random.randint(ky, (batch, seq), 0, vocab)
+    return Model(TransformerLM(vocab, d_model, heads, blocks, cls), tokens, labels)
 
 
 @register("transformer_ln")

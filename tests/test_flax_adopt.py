@@ -34,16 +34,17 @@ PAD = jnp.arange(5)[None, :] < jnp.array([5, 4, 3, 5, 2, 5, 5, 1])[:, None]
 
 def _perturb(tree, seed=3):
     """Random offsets on every leaf, so that no layer is hidden by its initial value
-    (the ResNet's zero-initialized last scale of each block)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [
-        a + 0.3 * jax.random.normal(k, a.shape, a.dtype)
-        if jnp.issubdtype(a.dtype, jnp.floating)
-        else a
-        for a, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, leaves)
+    (the ResNet's zero-initialized last scale of each block). NumPy draws them:
+    an eager ``jax.random`` call per leaf shape would compile a program each."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda a: (
+            a + (0.3 * rng.normal(size=a.shape)).astype(a.dtype)
+            if jnp.issubdtype(a.dtype, jnp.floating)
+            else a
+        ),
+        tree,
+    )
 
 
 def _mesh():
@@ -76,22 +77,31 @@ def _linen_call(model, variables, x, train):
     return model.apply(variables, x, mask=PAD), {}
 
 
+def _linen_jit(model, variables, x):
+    """``_linen_call`` in training and in eval, compiled as one fresh program,
+    traced where it is called (inside or outside ``patch``)."""
+
+    def both(variables, x):
+        return tuple(_linen_call(model, variables, x, train) for train in (True, False))
+
+    return jax.jit(both)(variables, x)
+
+
 @pytest.mark.parametrize("name", list(LINEN))
 def test_patch_equals_dropins_and_flax(name):
     plain, dropin, reference, x = _linen_models(name)
     variables = _perturb(plain.init(jax.random.key(0), x[:2]))
-    for train in (True, False):
-        expected = _linen_call(dropin, variables, x, train)
-        chex.assert_trees_all_close(expected, _linen_call(reference, variables, x, train), **TOL)
-        with bnn.patch():
-            patched = _linen_call(plain, variables, x, train)
-            if train:
-                jitted = jax.jit(functools.partial(_linen_call, plain, train=True))(variables, x)
-                chex.assert_trees_all_close(jitted, expected, rtol=1e-5, atol=1e-5)
-        chex.assert_trees_all_equal(patched, expected)
-        # outside the block the model is Flax's again (its fast variance rounds differently)
-        if name == "resnet18" and train:
-            assert not np.array_equal(_linen_call(plain, variables, x, True)[0], patched[0])
+    expected = _linen_jit(dropin, variables, x)
+    chex.assert_trees_all_close(expected, _linen_jit(reference, variables, x), **TOL)
+    with bnn.patch():
+        patched = _linen_jit(plain, variables, x)
+        if name == "transformer_rms":  # eagerly too (op by op: the smallest model)
+            eager = tuple(_linen_call(plain, variables, x, train) for train in (True, False))
+            chex.assert_trees_all_close(eager, expected, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_equal(patched, expected)
+    # outside the block the model is Flax's again (its fast variance rounds differently)
+    if name == "resnet18":
+        assert not np.array_equal(_linen_jit(plain, variables, x)[0][0], patched[0][0])
 
 
 def test_patch_axis_name_makes_resnet_batchnorm_synchronized():

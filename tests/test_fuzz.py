@@ -561,7 +561,7 @@ def _bcast(v, case: Case, lead: int):
     return np.reshape(v, shape)
 
 
-@examples(ci=60)
+@examples(ci=30)
 @given(examples_of())
 def test_matches_float64_reference(drawn):
     case, opts = drawn

@@ -361,20 +361,6 @@ def test_memory_efficient_field_through_every_front_end(kind):
         jax.jvp(lambda x, apply=apply: apply(params, x), (x,), (g,))  # plain: forward mode works
 
 
-def test_transformer_benchmark_row():
-    from bn_jax import bench_transformer
-
-    variants = ("bn_jax memory_efficient", "none")
-    result = bench_transformer.run_transformer("RMSNorm", variants=variants, repeats=1, tiny=True)
-    assert set(result.step_ms) == set(variants)
-    assert all(t > 0 for t in result.step_ms.values())
-    ratios = result.ratios()
-    assert ratios["none"]["temp_vs_none"] == 1.0
-    assert ratios["none"]["time_vs_bn_jax"] is None  # bn_jax's plain layer was not run
-    table = bench_transformer.format_result(result)
-    assert "bn_jax memory_efficient" in table and "temp / none" in table
-
-
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_group_norm_memory_efficient_gradients_equal_plain(masked):
     x, scale, bias, g = inputs((2, 5, 5, 8), (8,))
