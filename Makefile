@@ -1,13 +1,17 @@
 # Two commands on a fresh machine with python3 and make:
 #   make demo   # create .venv, install with the example extras, run the main example
-#   make test   # create .venv, install with the test and docs extras, run ruff, build the docs, run the tests
+#   make test   # create .venv, install with the test and docs extras, run ruff, build the docs, run the tests;
+#               # installs Debian's chromium and chromedriver for the browser test where it can (apt-get as
+#               # root or with sudo without a password), else says what to install
+#   make test BROWSER_TEST=0   # the same without the docs' browser test (no chromium needed)
 #   make docs   # build the documentation site into docs/_build/html, warnings as errors
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
+BROWSER_TEST ?= 1
 
-.PHONY: demo test docs lint format bench wheel-check clean
+.PHONY: demo test browser docs lint format bench wheel-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,9 +41,19 @@ format: $(VENV)/.installed-test
 docs: $(VENV)/.installed-test
 	$(PY) -m sphinx -j 2 -W --keep-going -q -b html docs docs/_build/html
 
-# The browser test opens the site built by `docs`; it must run here, not skip.
+# The browser test opens the site built by `docs` in chromium; it must run here,
+# not skip. `browser` installs chromium and chromedriver where they are missing
+# and this user can (apt-get), else stops with what to install.
+ifeq ($(BROWSER_TEST),0)
 test: lint docs
+	$(PY) -m pytest $(PYTEST_ARGS) --ignore=tests/test_docs_site.py
+else
+test: browser lint docs
 	BN_JAX_REQUIRE_BROWSER=1 $(PY) -m pytest $(PYTEST_ARGS)
+endif
+
+browser:
+	@.ci/browser
 
 # Build the sdist and wheel, install the wheel into a fresh virtualenv, and run
 # the README's quickstart there, outside the checkout (the core only: no Flax).
