@@ -15,14 +15,14 @@ import flax.linen as nn
 import jax
 from flax.core import FrozenDict, freeze
 
+from bn_jax import _recalibrate
 from bn_jax._model_tools import (
-    Path,
+    LayerPath,
     Recorder,
-    check_stats_shape,
-    feature_moments,
+    fold_problem,
     foldable_pairs,
     path_str,
-    pool_passes,
+    use_running_average,
 )
 from bn_jax.inference import fold_batch_norms
 
@@ -86,6 +86,7 @@ def recalibrate(
       ValueError: no batches, no BatchNorm called, ``passes`` < 1, a one-shot
         iterator with ``passes > 1``, a BatchNorm without ``batch_stats`` or
         whose statistics are not one per feature.
+      TypeError: a ``passes`` that is not an int.
 
     With batch-sharded global arrays under ``jit`` nothing more is needed for
     several devices. BatchNorms inside lifted transforms (``nn.scan``,
@@ -101,12 +102,13 @@ def recalibrate(
         def forward(v, batch):
             return model.apply(v, batch, mutable=True)
 
-    unbiased: dict[Path, bool] = {}  # each layer's variance convention, seen when tracing
+    unbiased: dict[LayerPath, bool] = {}  # each layer's variance convention, seen when tracing
 
+    @jax.jit
     def moments(v, batch):
-        calls: dict[Path, list] = {}
-        axes: dict[Path, Any] = {}
-        active: set[Path] = set()
+        calls: dict[LayerPath, list] = {}
+        axes: dict[LayerPath, Any] = {}
+        active: set[LayerPath] = set()
 
         def tap(next_fun, args, kwargs, context):
             module = context.module
@@ -123,13 +125,15 @@ def recalibrate(
             forward(v, batch)
         out = {}
         for path, c in calls.items():
-            out[path] = feature_moments(c, axes[path], path)
-            check_stats_shape(_stats_at(v, path), out[path], path)
+            layer = f"BatchNorm {path_str(path)!r}"
+            out[path] = _recalibrate.feature_moments(c, axes[path], f"the input of {layer}")
+            _recalibrate.check_layer_stats(_stats_at(v, path), out[path], layer)
         return out
 
-    step = jax.jit(moments)
-
-    def write(v, new):
+    def finish(v, pooled):
+        new = _recalibrate.update_layers(
+            pooled, {p: _stats_at(v, p) for p in pooled}, unbiased.__getitem__
+        )
         tree = _plain(v)
         for path, stats in new.items():
             node = tree["batch_stats"]
@@ -138,13 +142,11 @@ def recalibrate(
             node[path[-1]] = dict(stats)
         return tree
 
-    out = pool_passes(
-        lambda v, batch: (step(v, batch), v),
+    out = _recalibrate.run(
+        lambda v, batch: (moments(v, batch), v),
         _plain(variables),  # one pytree type for every pass
         batches,
-        old_stats=lambda v, keys: {p: dict(_stats_at(v, p)) for p in keys},
-        unbiased=unbiased.get,
-        write=write,
+        finish=finish,
         passes=passes,
         progress=progress,
         total=total,
@@ -181,7 +183,7 @@ class Folded(nn.Module):
         norms = {bn: dt for (_, bn), dt in zip(self.folded, self.norm_dtypes, strict=True)}
         biased = set(self.added_bias)
         root = len(self.path)
-        active: set[Path] = set()
+        active: set[LayerPath] = set()
 
         def skip(next_fun, args, kwargs, context):
             module = context.module
@@ -189,7 +191,7 @@ class Folded(nn.Module):
             if context.method_name != "__call__" or path in active:
                 return next_fun(*args, **kwargs)
             if path in norms and isinstance(module, nn.BatchNorm):
-                if not _use_running_average(module, args, kwargs):
+                if not use_running_average(module, args, kwargs):
                     raise ValueError(
                         f"Folded: BatchNorm {path_str(path)!r} was folded for evaluation but "
                         f"is called in training mode (use_running_average=False); train the "
@@ -249,7 +251,7 @@ def fold(
     """
     _check_variables(variables, "fold")
     recorder = Recorder()
-    active: set[Path] = set()
+    active: set[LayerPath] = set()
 
     def tap(next_fun, args, kwargs, context):
         module = context.module
@@ -257,14 +259,14 @@ def fold(
         if context.method_name != "__call__" or path in active:
             return next_fun(*args, **kwargs)
         if isinstance(module, nn.BatchNorm):
-            if not _use_running_average(module, args, kwargs):
+            if not use_running_average(module, args, kwargs):
                 raise ValueError(
                     f"fold: BatchNorm {path_str(path)!r} ran in training mode; call fold with "
                     f"the arguments of an evaluation call (e.g. train=False)."
                 )
-            x, call = recorder.norm_input(
-                path, module, args[0], _norm_problem(module, args, kwargs)
-            )
+            mean = module.get_variable("batch_stats", "mean")
+            problem = fold_problem(args[0], module.axis, mean, kwargs.get("mask"))
+            x, call = recorder.norm_input(path, module, args[0], problem)
             y = _reentrant(active, path, next_fun, (x, *args[1:]), kwargs)
             call.out_dtype = y.dtype
             return y
@@ -293,32 +295,13 @@ def fold(
     return folded, folded_vars
 
 
-def _reentrant(active: set[Path], path: Path, next_fun, args, kwargs):
+def _reentrant(active: set[LayerPath], path: LayerPath, next_fun, args, kwargs):
     """Calls ``next_fun`` with ``path`` marked active, so a ``super().__call__`` passes through."""
     active.add(path)
     try:
         return next_fun(*args, **kwargs)
     finally:
         active.discard(path)
-
-
-def _use_running_average(module: nn.BatchNorm, args: tuple, kwargs: Mapping[str, Any]) -> bool:
-    """The mode a BatchNorm call runs in: the call argument, else the field (as Flax merges)."""
-    at_call = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-    return bool(module.use_running_average if at_call is None else at_call)
-
-
-def _norm_problem(module: nn.BatchNorm, args: tuple, kwargs: Mapping[str, Any]) -> str | None:
-    x = args[0]
-    if kwargs.get("mask") is not None:
-        return "masked"
-    axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-    if tuple(a % x.ndim for a in axes) != (x.ndim - 1,):
-        return "feature axes are not the last axis"
-    mean = module.get_variable("batch_stats", "mean")
-    if mean is None or tuple(mean.shape) != (x.shape[-1],):
-        return "not one statistic per feature"
-    return None
 
 
 def _check_variables(variables: Any, fn: str) -> None:
@@ -330,7 +313,7 @@ def _check_variables(variables: Any, fn: str) -> None:
         )
 
 
-def _stats_at(variables: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
+def _stats_at(variables: Mapping[str, Any], path: LayerPath) -> Mapping[str, Any]:
     node = variables["batch_stats"]
     for name in path:
         if not isinstance(node, Mapping) or name not in node:

@@ -1,141 +1,105 @@
 """What the linen and nnx model tools share: no flax here.
 
-Recalibration pools, per BatchNorm layer, the ``(count, mean, M2)`` of every
-input the layer received (all its calls, all batches) with the core's
-count-weighted merge. Folding finds which BatchNorm follows which Dense/Conv
-from one trace of the model: each layer output and each BatchNorm input is
-passed through a named identity (``jax.ad_checkpoint.checkpoint_name``), and in
-the traced program a pair is foldable when the BatchNorm's input *is* the
-layer's output and nothing else reads that value.
+Both faces of each tool find a model's layers as it runs, by type, without
+touching its code: linen with ``flax.linen.intercept_methods``, nnx (and any
+framework whose layers are Python objects) with :func:`calls_of`, which routes
+the calls of given instances through a tap for the duration of one trace.
+
+Recalibration's loop is ``bn_jax._recalibrate``. Folding finds which BatchNorm
+follows which Dense/Conv from one trace of the model: each layer output and
+each BatchNorm input is passed through a named identity
+(``jax.ad_checkpoint.checkpoint_name``), and in the traced program a pair is
+foldable when the BatchNorm's input *is* the layer's output and nothing else
+reads that value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend import core as jcore
 
-from bn_jax._core import checks
-from bn_jax._core.stats import Moments, local_moments
-from bn_jax.inference import _finalize, _len, _merge, _progress
-
-Path = tuple[Any, ...]
+# Where a layer sits in a model: the names (nnx: names and indices) from the root.
+LayerPath = tuple[Any, ...]
 
 
-def path_str(path: Path) -> str:
+def path_str(path: LayerPath) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
-# --------------------------------------------------------------------- recalibration
+def use_running_average(module: Any, args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    """The mode of a Flax BatchNorm call: the call's argument, else the field (as Flax decides)."""
+    at_call = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    return bool(module.use_running_average if at_call is None else at_call)
 
 
-def feature_moments(calls: Sequence[tuple[jax.Array, Any]], axis: Any, path: Path) -> Moments:
-    """Moments over everything but the feature axes, pooled over one layer's calls.
+def fold_problem(x: jax.Array, axis: int | tuple[int, ...], mean: Any, mask: Any) -> str | None:
+    """Why a BatchNorm call cannot be folded (``mean``: its running mean), or None."""
+    if mask is not None:
+        return "masked"
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    if tuple(a % x.ndim for a in axes) != (x.ndim - 1,):
+        return "feature axes are not the last axis"
+    if mean is None or tuple(mean.shape) != (x.shape[-1],):
+        return "not one statistic per feature"
+    return None
 
-    Each call's input is laid out as ``(elements, features...)`` and the calls
-    are concatenated, so a layer applied several times (to inputs of different
-    batch or spatial sizes) gets the statistics of all its inputs at once.
+
+@contextlib.contextmanager
+def calls_of(targets: Mapping[int, tuple[Any, Any]], tap: Callable) -> Iterator[None]:
+    """Routes calls of the ``targets`` instances (``{id(module): (info, module)}``) through ``tap``.
+
+    ``tap(module, info, call, args, kwargs)`` gets the bound original ``__call__``
+    as ``call``. Each class is wrapped once, with the ``__call__`` it resolved
+    before any wrapping, and a call made while the same instance is already in
+    ``tap`` (a subclass calling ``super().__call__``) goes straight through.
+    Calls of other instances of those classes are not touched.
     """
-    flat, masks, fshape = [], [], None
-    for x, mask in calls:
-        checks.check_input(x, f"the input of BatchNorm {path_str(path)!r}")
-        axes = checks.resolve_axes(checks.canonical_axis(axis), x.ndim)
-        shape = tuple(x.shape[a] for a in axes)
-        if fshape is not None and shape != fshape:
-            raise ValueError(
-                f"recalibrate: BatchNorm {path_str(path)!r} was called with {fshape} and "
-                f"{shape} features."
-            )
-        fshape = shape
-        front = tuple(i for i in range(x.ndim) if i not in axes)
-        flat.append(jnp.transpose(x, front + axes).reshape(-1, *fshape))
-        m = checks.check_mask(mask, x.shape)
-        m = jnp.ones(x.shape, bool) if m is None else jnp.broadcast_to(m, x.shape)
-        masks.append(jnp.transpose(m, front + axes).reshape(-1, *fshape))
-    x = jnp.concatenate(flat) if len(flat) > 1 else flat[0]
-    m = None if all(mask is None for _, mask in calls) else jnp.concatenate(masks)
-    return Moments(*(v.reshape(fshape) for v in local_moments(x, (0,), m)))
+    classes = {type(module) for _, module in targets.values()}
+    originals = {cls: cls.__call__ for cls in classes}
+    own = {cls: cls.__dict__.get("__call__") for cls in classes}
+    active: set[int] = set()
 
+    def wrap(original):
+        def __call__(self, *args, **kwargs):
+            if id(self) not in targets or id(self) in active:
+                return original(self, *args, **kwargs)
+            active.add(id(self))
+            try:
+                info, _ = targets[id(self)]
+                return tap(self, info, lambda *a, **k: original(self, *a, **k), args, kwargs)
+            finally:
+                active.discard(id(self))
 
-def check_stats_shape(stats: Mapping[str, Any], moments: Moments, path: Path) -> None:
-    for key in ("mean", "var"):
-        if key not in stats:
-            raise ValueError(
-                f"recalibrate: BatchNorm {path_str(path)!r} has no batch statistic {key!r} "
-                f"(it has {sorted(stats)})."
-            )
-        if tuple(jnp.shape(stats[key])) != tuple(moments.mean.shape):
-            raise ValueError(
-                f"recalibrate: BatchNorm {path_str(path)!r} keeps {key!r} of shape "
-                f"{tuple(jnp.shape(stats[key]))} but its input has features "
-                f"{tuple(moments.mean.shape)}; only one statistic per feature can be "
-                f"recalibrated."
-            )
+        return __call__
 
-
-def pool_passes(
-    step: Callable[[Any, Any], tuple[dict[str, Moments], Any]],
-    carry: Any,
-    batches: Iterable[Any] | Callable[[], Iterable[Any]],
-    *,
-    old_stats: Callable[[Any, list[Any]], dict[str, Mapping[str, jax.Array]]],
-    unbiased: Callable[[Any], bool],
-    write: Callable[[Any, dict[str, dict[str, jax.Array]]], Any],
-    passes: int,
-    progress: bool,
-    total: int | None,
-) -> Any:
-    """Runs ``passes`` passes of ``step(carry, batch) -> (moments, carry)``.
-
-    After each pass the pooled moments of every layer replace its ``mean`` and
-    ``var`` (``write``), so the next pass runs with them; a feature that saw no
-    valid element keeps its old values. ``var`` is ``M2 / n``, or
-    ``M2 / (n - 1)`` for the layers where ``unbiased(key)`` (a BatchNorm that
-    keeps PyTorch's unbiased running variance).
-    """
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"recalibrate: passes must be an int >= 1, got {passes!r}.")
-    if passes > 1 and not callable(batches) and iter(batches) is batches:
-        raise ValueError(
-            f"recalibrate: passes={passes} reads batches more than once, but batches is a "
-            f"one-shot iterator; pass a list or a callable that returns a fresh iterable."
-        )
-    for p in range(passes):
-        data = batches() if callable(batches) else batches
-        n = total if total is not None else _len(data)
-        desc = "recalibrate" if passes == 1 else f"recalibrate {p + 1}/{passes}"
-        acc = None
-        for batch in _progress(data, n, desc, progress):
-            moments, carry = step(carry, batch)
-            acc = moments if acc is None else _merge(acc, moments)
-        if acc is None:
-            raise ValueError("recalibrate: batches yielded no batch.")
-        if not acc:
-            raise ValueError("recalibrate: the model called no BatchNorm layer.")
-        new = {}
-        for flag in (False, True):
-            group = {k: m for k, m in acc.items() if bool(unbiased(k)) == flag}
-            if group:
-                new.update(_finalize(group, old_stats(carry, list(group)), unbiased=flag))
-        carry = write(carry, new)
-    return carry
+    try:
+        for cls, original in originals.items():
+            cls.__call__ = wrap(original)
+        yield
+    finally:
+        for cls in classes:
+            if own[cls] is None:
+                del cls.__call__
+            else:
+                cls.__call__ = own[cls]
 
 
 # --------------------------------------------------------------------------- folding
 
 
 @dataclasses.dataclass
-class Call:
+class TracedCall:
     """One traced call of a Dense/Conv (``"layer"``) or BatchNorm (``"norm"``)."""
 
     kind: str
-    path: Path
+    path: LayerPath
     module: Any
     marker: str
     problem: str | None = None  # why this call cannot take part in a fold
@@ -146,17 +110,17 @@ class Recorder:
     """Marks layer outputs and BatchNorm inputs with named identities while tracing."""
 
     def __init__(self) -> None:
-        self.calls: list[Call] = []
+        self.calls: list[TracedCall] = []
 
-    def layer_output(self, path: Path, module: Any, y: jax.Array) -> jax.Array:
-        call = Call("layer", path, module, f"bn_jax.fold:{len(self.calls)}")
+    def layer_output(self, path: LayerPath, module: Any, y: jax.Array) -> jax.Array:
+        call = TracedCall("layer", path, module, f"bn_jax.fold:{len(self.calls)}")
         self.calls.append(call)
         return checkpoint_name(y, call.marker)
 
     def norm_input(
-        self, path: Path, module: Any, x: jax.Array, problem: str | None
-    ) -> tuple[jax.Array, Call]:
-        call = Call("norm", path, module, f"bn_jax.fold:{len(self.calls)}", problem)
+        self, path: LayerPath, module: Any, x: jax.Array, problem: str | None
+    ) -> tuple[jax.Array, TracedCall]:
+        call = TracedCall("norm", path, module, f"bn_jax.fold:{len(self.calls)}", problem)
         self.calls.append(call)
         return checkpoint_name(x, call.marker), call
 
@@ -187,7 +151,9 @@ def _links(jaxpr: jcore.Jaxpr, layer_markers: set[str]) -> dict[str, str]:
     return links
 
 
-def foldable_pairs(jaxpr: jcore.Jaxpr, calls: Sequence[Call]) -> list[tuple[Call, Call]]:
+def foldable_pairs(
+    jaxpr: jcore.Jaxpr, calls: Sequence[TracedCall]
+) -> list[tuple[TracedCall, TracedCall]]:
     """``(layer, norm)`` pairs where every call of each is paired with a call of the other.
 
     A layer is folded into a BatchNorm only when every one of its outputs goes
@@ -196,8 +162,8 @@ def foldable_pairs(jaxpr: jcore.Jaxpr, calls: Sequence[Call]) -> list[tuple[Call
     """
     by_marker = {c.marker: c for c in calls}
     links = _links(jaxpr, {c.marker for c in calls if c.kind == "layer"})
-    layers: dict[Path, list[Call]] = {}
-    norms: dict[Path, list[Call]] = {}
+    layers: dict[LayerPath, list[TracedCall]] = {}
+    norms: dict[LayerPath, list[TracedCall]] = {}
     for c in calls:
         (layers if c.kind == "layer" else norms).setdefault(c.path, []).append(c)
     norm_of_layer = {layer: by_marker[norm].path for norm, layer in links.items()}

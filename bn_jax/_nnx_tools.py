@@ -10,21 +10,21 @@ touched. Exposed as ``bn_jax.nnx.recalibrate`` and ``bn_jax.nnx.fold``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 from flax import nnx
 
+from bn_jax import _recalibrate
 from bn_jax._model_tools import (
-    Path,
+    LayerPath,
     Recorder,
-    check_stats_shape,
-    feature_moments,
+    calls_of,
+    fold_problem,
     foldable_pairs,
     path_str,
-    pool_passes,
+    use_running_average,
 )
 from bn_jax.inference import fold_into_conv, fold_into_dense
 
@@ -84,6 +84,7 @@ def recalibrate(
       ValueError: no batches, no BatchNorm called, ``passes`` < 1, a one-shot
         iterator with ``passes > 1``, a BatchNorm whose statistics are not one
         per feature. The model is unchanged when it raises.
+      TypeError: a ``passes`` that is not an int.
 
     With batch-sharded global arrays under ``jit`` nothing more is needed for
     several devices. BatchNorms inside ``nnx.scan`` / ``nnx.vmap`` are not
@@ -117,18 +118,19 @@ def recalibrate(
                 module.mean.set_value(stats[key]["mean"])
                 module.var.set_value(stats[key]["var"])
                 targets[id(module)] = (key, module)
-        calls: dict[Path, list] = {}
+        calls: dict[LayerPath, list] = {}
 
         def tap(module, key, call, args, kwargs):
             calls.setdefault(key, []).append((args[0], kwargs.get("mask")))
             return call(*args, **kwargs)
 
-        with _calls_of(targets, tap):
+        with calls_of(targets, tap):
             forward(m, batch)
         out = {}
         for key, c in calls.items():
-            out[key] = feature_moments(c, norms[key].axis, key)
-            check_stats_shape(stats[key], out[key], key)
+            layer = f"BatchNorm {path_str(key)!r}"
+            out[key] = _recalibrate.feature_moments(c, norms[key].axis, f"the input of {layer}")
+            _recalibrate.check_layer_stats(stats[key], out[key], layer)
         return out, nnx.state(m, nnx.RngState)
 
     def step(carry, batch):
@@ -136,18 +138,21 @@ def recalibrate(
         out, rngs = moments(rngs, rest, stats, batch)
         return out, (rngs, stats)
 
-    def write(carry, new):
+    def finish(carry, pooled):
         rngs, stats = carry
+        new = _recalibrate.update_layers(
+            pooled,
+            {k: stats[k] for k in pooled},
+            lambda k: getattr(norms[k], "unbiased_running_var", False),
+        )
         return rngs, {**stats, **new}
 
     stats = {key: {"mean": m.mean[...], "var": m.var[...]} for key, m in norms.items()}
-    _, stats = pool_passes(
+    _, stats = _recalibrate.run(
         step,
         (rngs, stats),
         batches,
-        old_stats=lambda carry, keys: {k: carry[1][k] for k in keys},
-        unbiased=lambda key: getattr(norms[key], "unbiased_running_var", False),
-        write=write,
+        finish=finish,
         passes=passes,
         progress=progress,
         total=total,
@@ -221,14 +226,13 @@ def fold(model: nnx.Module, *args: Any, **kwargs: Any) -> nnx.Module:
 
     def tap(module, path, call, args, kwargs):
         if isinstance(module, nnx.BatchNorm):
-            if not _use_running_average(module, args, kwargs):
+            if not use_running_average(module, args, kwargs):
                 raise ValueError(
                     f"fold: BatchNorm {path_str(path)!r} ran in training mode; call "
                     f"model.eval() before fold."
                 )
-            x, record = recorder.norm_input(
-                path, module, args[0], _norm_problem(module, args, kwargs)
-            )
+            problem = fold_problem(args[0], module.axis, module.mean, kwargs.get("mask"))
+            x, record = recorder.norm_input(path, module, args[0], problem)
             y = call(x, *args[1:], **kwargs)
             record.out_dtype = y.dtype
             return y
@@ -241,7 +245,7 @@ def fold(model: nnx.Module, *args: Any, **kwargs: Any) -> nnx.Module:
             for path, module in nnx.iter_modules(m)
             if isinstance(module, (nnx.BatchNorm, *_LAYERS))
         }
-        with _calls_of(targets, tap):
+        with calls_of(targets, tap):
             return m(*args, **kwargs)
 
     pairs = foldable_pairs(jax.make_jaxpr(run)(state).jaxpr, recorder.calls)
@@ -272,62 +276,5 @@ def fold(model: nnx.Module, *args: Any, **kwargs: Any) -> nnx.Module:
     return nnx.recursive_map(lambda path, node: replaced.get(path, node), folded)
 
 
-@contextlib.contextmanager
-def _calls_of(targets: Mapping[int, tuple[Any, nnx.Module]], tap: Callable) -> Iterator[None]:
-    """Routes calls of the ``targets`` instances (by id) through ``tap`` while active.
-
-    ``tap(module, info, call, args, kwargs)`` gets the bound original ``__call__``
-    as ``call``. Each class is wrapped once, with the ``__call__`` it resolved
-    before any wrapping, and a call made while the same instance is already in
-    ``tap`` (a subclass calling ``super().__call__``) goes straight through.
-    """
-    classes = {type(module) for _, module in targets.values()}
-    originals = {cls: cls.__call__ for cls in classes}
-    own = {cls: cls.__dict__.get("__call__") for cls in classes}
-    active: set[int] = set()
-
-    def wrap(original):
-        def __call__(self, *args, **kwargs):
-            if id(self) not in targets or id(self) in active:
-                return original(self, *args, **kwargs)
-            active.add(id(self))
-            try:
-                info, _ = targets[id(self)]
-                return tap(self, info, lambda *a, **k: original(self, *a, **k), args, kwargs)
-            finally:
-                active.discard(id(self))
-
-        return __call__
-
-    try:
-        for cls, original in originals.items():
-            cls.__call__ = wrap(original)
-        yield
-    finally:
-        for cls in classes:
-            if own[cls] is None:
-                del cls.__call__
-            else:
-                cls.__call__ = own[cls]
-
-
-def _key(path: Path) -> tuple[str, ...]:
+def _key(path: LayerPath) -> tuple[str, ...]:
     return tuple(str(p) for p in path)
-
-
-def _use_running_average(module: nnx.BatchNorm, args: tuple, kwargs: Mapping[str, Any]) -> bool:
-    """The mode of a BatchNorm call: the call argument, else the attribute (as Flax decides)."""
-    at_call = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-    return bool(module.use_running_average if at_call is None else at_call)
-
-
-def _norm_problem(module: nnx.BatchNorm, args: tuple, kwargs: Mapping[str, Any]) -> str | None:
-    x = args[0]
-    if kwargs.get("mask") is not None:
-        return "masked"
-    axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-    if tuple(a % x.ndim for a in axes) != (x.ndim - 1,):
-        return "feature axes are not the last axis"
-    if tuple(module.mean.shape) != (x.shape[-1],):
-        return "not one statistic per feature"
-    return None

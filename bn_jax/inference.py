@@ -38,13 +38,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bn_jax import _recalibrate
 from bn_jax._core import checks
-from bn_jax._core.stats import Moments, local_moments, merge_across
+from bn_jax._core.stats import Moments, merge_across
 from bn_jax.norms._common import broadcastable
 
 __all__ = ["fold_batch_norms", "fold_into_conv", "fold_into_dense", "recalibrate"]
 
-Path = str | Sequence[str]
+# A module path in a variables tree, as the user spells it: "block1/bn" or ("block1", "bn").
+ModulePath = str | Sequence[str]
 
 
 # --------------------------------------------------------------------------- folding
@@ -172,7 +174,7 @@ def fold_into_conv(
 
 def fold_batch_norms(
     variables: Mapping[str, Any],
-    pairs: Mapping[Path, Path] | Sequence[tuple[Path, Path]],
+    pairs: Mapping[ModulePath, ModulePath] | Sequence[tuple[ModulePath, ModulePath]],
     *,
     epsilon: float = 1e-5,
 ) -> dict[str, Any]:
@@ -321,7 +323,7 @@ def _to_dict(tree: Any) -> Any:
     return tree
 
 
-def _path(p: Path) -> tuple[str, ...]:
+def _path(p: ModulePath) -> tuple[str, ...]:
     if isinstance(p, str):
         parts = tuple(s for s in p.split("/") if s)
     elif isinstance(p, Sequence) and all(isinstance(s, str) for s in p):
@@ -499,10 +501,7 @@ def recalibrate(
     "Updating Formulae and a Pairwise Algorithm for Computing Sample
     Variances", 1979.
     """
-    if isinstance(passes, bool) or not isinstance(passes, int):
-        raise TypeError(f"recalibrate: passes must be an int >= 1, got {passes!r}.")
-    if passes < 1:
-        raise ValueError(f"recalibrate: passes must be an int >= 1, got {passes!r}.")
+    _recalibrate.check_passes(passes, batches)
     if passes > 1 and state is None:
         raise ValueError(
             f"recalibrate: passes={passes} needs state (each pass recomputes the inputs with "
@@ -510,15 +509,10 @@ def recalibrate(
         )
     if fn is not None and not callable(fn):
         raise TypeError(f"recalibrate: fn must be callable or None, got {type(fn).__name__}.")
-    if passes > 1 and not callable(batches) and iter(batches) is batches:
-        raise ValueError(
-            f"recalibrate: passes={passes} reads batches more than once, but batches is a "
-            f"one-shot iterator; pass a list or a callable that returns a fresh iterable."
-        )
     axis = checks.canonical_axis(axis)
     groups = checks.canonical_groups(axis_index_groups, axis_name)
 
-    def batch_stats(*args):
+    def batch_moments(*args):
         out = args[-1] if fn is None else fn(*args)
         if masked:
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -535,32 +529,48 @@ def recalibrate(
         mask_leaves = [None] * len(leaves) if masks is None else _up_to(treedef, masks, "masks")
         if axis_name is not None:
             checks.bound_axis_size(axis_name, groups, "recalibrate")
-        stats = []
+        moments = []
         for x, m in zip(leaves, mask_leaves, strict=True):
-            checks.check_input(x, "recalibrate: an input returned by fn")
-            x = jnp.asarray(x)
-            fa = checks.resolve_axes(axis, x.ndim)
-            red = tuple(i for i in range(x.ndim) if i not in fa)
-            mom = local_moments(x, red, checks.check_mask(m, x.shape))
-            if axis_name is not None:
-                mom = merge_across(mom, axis_name, groups)
-            fshape = tuple(x.shape[a] for a in fa)
-            stats.append(Moments(*(v.reshape(fshape) for v in mom)))
-        return treedef.unflatten(stats)
+            mom = _recalibrate.feature_moments([(x, m)], axis, "an input returned by fn")
+            moments.append(mom if axis_name is None else merge_across(mom, axis_name, groups))
+        return treedef.unflatten(moments)
 
-    step = jax.jit(batch_stats if map_fn is None else map_fn(batch_stats))
-    for p in range(passes):
-        data = batches() if callable(batches) else batches
-        n_batches = total if total is not None else _len(data)
-        desc = "recalibrate" if passes == 1 else f"recalibrate {p + 1}/{passes}"
-        acc = None
-        for batch in _progress(data, n_batches, desc, progress):
-            stats = step(batch) if state is None else step(state, batch)
-            acc = stats if acc is None else _merge(acc, stats)
-        if acc is None:
-            raise ValueError("recalibrate: batches yielded no batch.")
-        state = _finalize(acc, state, unbiased=unbiased)
-    return state
+    jitted = jax.jit(batch_moments if map_fn is None else map_fn(batch_moments))
+
+    def step(state, batch):
+        return (jitted(batch) if state is None else jitted(state, batch)), state
+
+    def finish(state, pooled):
+        leaves, treedef = jax.tree.flatten(pooled, is_leaf=lambda t: isinstance(t, Moments))
+        olds = [None] * len(leaves) if state is None else _up_to(treedef, state, "state")
+        for m, old in zip(leaves, olds, strict=True):
+            if old is None:
+                continue
+            if not isinstance(old, Mapping) or "mean" not in old or "var" not in old:
+                raise ValueError(
+                    "recalibrate: every entry of state that matches an input must be a "
+                    f"BatchNorm state {{'mean', 'var', ...}}, got {old!r}."
+                )
+            if jnp.shape(old["mean"]) != m.mean.shape:
+                raise ValueError(
+                    f"recalibrate: state['mean'] has shape {jnp.shape(old['mean'])} but the "
+                    f"input fn returns for it has {m.mean.shape} features along the axis."
+                )
+        new = _recalibrate.population(
+            leaves,
+            [None if o is None else (jnp.asarray(o["mean"]), jnp.asarray(o["var"])) for o in olds],
+            unbiased=(bool(unbiased),) * len(leaves),
+        )
+        return treedef.unflatten(
+            [
+                {"mean": mean, "var": var} if old is None else {**old, "mean": mean, "var": var}
+                for (mean, var), old in zip(new, olds, strict=True)
+            ]
+        )
+
+    return _recalibrate.run(
+        step, state, batches, finish=finish, passes=passes, progress=progress, total=total
+    )
 
 
 def _up_to(treedef, tree, name):
@@ -570,69 +580,3 @@ def _up_to(treedef, tree, name):
         raise ValueError(
             f"recalibrate: {name} must have the structure of the inputs fn returns ({treedef}): {e}"
         ) from None
-
-
-def _is_moments(t: Any) -> bool:
-    return isinstance(t, Moments)
-
-
-@jax.jit
-def _merge(a, b):
-    """Pools two trees of Moments with the core's cross-device merge over a pair axis."""
-
-    def pair(ma, mb):
-        stacked = jax.tree.map(lambda u, v: jnp.stack([u, v]), ma, mb)
-        merged = jax.vmap(lambda m: merge_across(m, "_pair"), axis_name="_pair")(stacked)
-        return Moments(*(v[0] for v in merged))
-
-    return jax.tree.map(pair, a, b, is_leaf=_is_moments)
-
-
-@partial(jax.jit, static_argnames=("unbiased",))
-def _finalize(acc, state, unbiased):
-    leaves, treedef = jax.tree.flatten(acc, is_leaf=_is_moments)
-    if state is None:
-        olds = [None] * len(leaves)
-    else:
-        olds = _up_to(treedef, state, "state")
-    out = []
-    for m, old in zip(leaves, olds, strict=True):
-        if old is None:
-            dt = m.mean.dtype
-            old_mean, old_var, new = jnp.zeros_like(m.mean), jnp.ones_like(m.mean), {}
-        else:
-            if not isinstance(old, Mapping) or "mean" not in old or "var" not in old:
-                raise ValueError(
-                    "recalibrate: every entry of state that matches an input must be a "
-                    f"BatchNorm state {{'mean', 'var', ...}}, got {old!r}."
-                )
-            old_mean, old_var, new = jnp.asarray(old["mean"]), jnp.asarray(old["var"]), dict(old)
-            if old_mean.shape != m.mean.shape:
-                raise ValueError(
-                    f"recalibrate: state['mean'] has shape {old_mean.shape} but the input "
-                    f"fn returns for it has {m.mean.shape} features along the axis."
-                )
-            dt = old_mean.dtype
-        denom = jnp.maximum(m.count - 1 if unbiased else m.count, 1)
-        seen = m.count > 0
-        new["mean"] = jnp.where(seen, m.mean, old_mean).astype(dt)
-        new["var"] = jnp.where(seen, m.m2 / denom, old_var).astype(dt)
-        out.append(new)
-    return treedef.unflatten(out)
-
-
-def _len(data: Any) -> int | None:
-    try:
-        return len(data)
-    except TypeError:
-        return None
-
-
-def _progress(it, total, desc, enabled):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is an optional extra
-        return it
-    return tqdm(it, total=total, desc=desc, leave=False)

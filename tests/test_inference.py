@@ -382,6 +382,12 @@ def test_recalibrate_errors():
     x = np.ones((4, 3), np.float32)
     with pytest.raises(ValueError, match="passes=2 needs state"):
         bn_jax.recalibrate(None, [x], passes=2)
+    with pytest.raises(ValueError, match="passes must be an int >= 1, got 0"):
+        bn_jax.recalibrate(None, [x], passes=0)
+    with pytest.raises(TypeError, match=r"passes must be an int >= 1, got 1\.0 of type float"):
+        bn_jax.recalibrate(None, [x], passes=1.0)
+    with pytest.raises(TypeError, match="passes must be an int >= 1, got True of type bool"):
+        bn_jax.recalibrate(None, [x], passes=True)
     state = {"mean": np.zeros(3, np.float32), "var": np.ones(3, np.float32)}
     with pytest.raises(ValueError, match="one-shot iterator; pass a list or a callable"):
         bn_jax.recalibrate(lambda s, b: b, iter([x]), state=state, passes=2)

@@ -345,8 +345,10 @@ def test_linen_errors():
         bn_jax.linen.recalibrate(model, variables, [x], forward=lambda v, b: b, progress=False)
     with pytest.raises(ValueError, match="yielded no batch"):
         bn_jax.linen.recalibrate(model, variables, [], progress=False)
-    with pytest.raises(ValueError, match="passes must be an int >= 1"):
+    with pytest.raises(ValueError, match="passes must be an int >= 1, got 0"):
         bn_jax.linen.recalibrate(model, variables, [x], passes=0)
+    with pytest.raises(TypeError, match=r"passes must be an int >= 1, got 2\.0 of type float"):
+        bn_jax.linen.recalibrate(model, variables, [x], passes=2.0)
     with pytest.raises(ValueError, match="one-shot iterator"):
         bn_jax.linen.recalibrate(model, variables, iter([x]), passes=2)
 
@@ -534,6 +536,23 @@ def test_nnx_layer_applied_twice_and_masks():
     assert type(folded.norm).__name__ == "FoldedBatchNorm"
     _close(folded(x), model(x), 1e-5)
     assert type(bn_jax.nnx.fold(model, x, mask=masks).norm) is nnx.BatchNorm
+
+
+def test_nnx_errors():
+    model = NTwice(rngs=nnx.Rngs(1))
+    x = np.ones((4, 3), np.float32)
+    before = jax.tree.map(np.array, nnx.state(model))
+    with pytest.raises(ValueError, match="no BatchNorm layer"):
+        bn_jax.nnx.recalibrate(model, [x], forward=lambda m, b: b, progress=False)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        bn_jax.nnx.recalibrate(model, [], progress=False)
+    with pytest.raises(ValueError, match="passes must be an int >= 1, got 0"):
+        bn_jax.nnx.recalibrate(model, [x], passes=0)
+    with pytest.raises(TypeError, match="passes must be an int >= 1, got '2' of type str"):
+        bn_jax.nnx.recalibrate(model, [x], passes="2")
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        bn_jax.nnx.recalibrate(model, iter([x]), passes=2)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)  # unchanged
 
 
 class UnbiasedBatchNorm(nn.BatchNorm):
