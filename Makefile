@@ -30,12 +30,12 @@ demo: $(VENV)/.installed-examples
 	$(PY) examples/train_digits.py
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check bn_jax tests examples
-	$(VENV)/bin/ruff format --check bn_jax tests examples
+	$(VENV)/bin/ruff check bn_jax tests examples benchmarks
+	$(VENV)/bin/ruff format --check bn_jax tests examples benchmarks
 
 format: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check --fix bn_jax tests examples
-	$(VENV)/bin/ruff format bn_jax tests examples
+	$(VENV)/bin/ruff check --fix bn_jax tests examples benchmarks
+	$(VENV)/bin/ruff format bn_jax tests examples benchmarks
 
 # Pages' code cells are executed; notebooks keep their stored outputs.
 docs: $(VENV)/.installed-test
@@ -69,8 +69,9 @@ wheel-check: $(VENV)/.installed-test
 	cd $(WHEEL_CHECK) && venv/bin/python quickstart.py > quickstart.out && cat quickstart.out
 	grep -qF "prints \`$$(cat $(WHEEL_CHECK)/quickstart.out)\`" README.md  # what the README says
 
+# The benchmarks live in benchmarks/ at the repository root, not in the package.
 bench: $(VENV)/.installed-test
-	$(PY) -m bn_jax.bench
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis docs/_build dist build

@@ -2,13 +2,16 @@
 
     python examples/accelerator_check.py --out results/ [bench arguments]
 
+Run it from a clone: the benchmark is the repository's ``benchmarks/``
+package, which is not installed with bn_jax.
+
 1. **Numerics.** Training-mode output and the gradient of ``sum(y * w)`` (with
    respect to ``x``, ``scale`` and ``bias``) in float32, bfloat16 and float16,
    against a float64 NumPy formula on the same (rounded) inputs, as
    ``|out - ref| / |ref|``; Flax (default fast variance and the stable
    ``use_fast_variance=False``) is shown beside. One case has ``|mean| = 1e4``
    with unit std, where a one-pass ``E[x^2] - E[x]^2`` variance cancels.
-2. **Benchmark.** ``python -m bn_jax.bench`` with every other argument
+2. **Benchmark.** ``python -m benchmarks`` with every other argument
    (``--shape``, ``--library``, ...), its report saved as ``bench.json``.
 """
 
@@ -17,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    """This script's options, and the rest (passed on to ``python -m bn_jax.bench``)."""
+    """This script's options, and the rest (passed on to ``python -m benchmarks``)."""
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Other options go to the benchmark: see python -m bn_jax.bench --help.",
+        epilog="Other options go to the benchmark: see python -m benchmarks --help.",
     )
     p.add_argument(
         "--out",
@@ -44,8 +48,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The benchmarks sit beside bn_jax at the root of the clone this script is in;
+# first on the path, so that the clone's bn_jax is the one measured.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
 import bn_jax
-from bn_jax import bench
+from benchmarks import cli
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
 
@@ -148,13 +156,13 @@ def format_numerics(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args, bench_args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(bench.machine_info()), flush=True)
+    print(json.dumps(cli.machine_info()), flush=True)
 
     rows = numerics()
     (args.out / "numerics.json").write_text(json.dumps(rows, indent=1))
     print(format_numerics(rows), flush=True)
     if not args.skip_bench:
-        report = bench.run(bench_args)  # with a progress bar unless --no-progress
+        report = cli.run(bench_args)  # with a progress bar unless --no-progress
         (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     failed = [f"{r['case']} {r['dtype']}" for r in rows if not r["ok"]]
     if failed:

@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m bn_jax.bench``: tiny sizes, few repeats, structure only.
+"""Smoke test of ``python -m benchmarks``: tiny sizes, few repeats, structure only.
 
 Timings on a shared CI machine mean nothing, so nothing here asserts one.
 """
@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from bn_jax import bench
+from benchmarks import cli, layers, libraries
 
 TINY = ["--shape", "dense=8x16", "--repeats", "2", "--layers", "2", "--no-progress"]
 
@@ -20,7 +21,7 @@ TINY = ["--shape", "dense=8x16", "--repeats", "2", "--layers", "2", "--no-progre
 @pytest.fixture(scope="module")
 def report():
     # through JSON, as a machine reading --json would see it
-    return json.loads(json.dumps(bench.run([*TINY, "--dtype", "float32", "--json"])))
+    return json.loads(json.dumps(cli.run([*TINY, "--dtype", "float32", "--json"])))
 
 
 def test_json_report_structure(report):
@@ -33,7 +34,7 @@ def test_json_report_structure(report):
     bw = report["bandwidth"]
     assert bw["bytes_per_s"] == max(bw["read_bytes_per_s"], bw["copy_bytes_per_s"]) > 0
     seen = {(c["mode"], c["workload"]) for c in report["cases"]}
-    assert seen == {(m, w) for m in bench.MODES for w in bench.WORKLOADS}
+    assert seen == {(m, w) for m in layers.MODES for w in layers.WORKLOADS}
     for c in report["cases"]:
         assert c["shape"] == [8, 16] and c["dtype"] == "float32"
         assert c["layers"] == (2 if c["mode"] == "network" else 1)
@@ -42,7 +43,7 @@ def test_json_report_structure(report):
             assert math.isfinite(v) and v > 0
         if c["workload"] == "eval":  # the floor is eval's fewest-pass program
             assert c["minimal_ms"] == c["floor_ms"]
-        units = bench.BYTES_UNITS[c["workload"]] * c["layers"] * 8 * 16 * 4
+        units = layers.BYTES_UNITS[c["workload"]] * c["layers"] * 8 * 16 * 4
         assert c["bound_ms"] == pytest.approx(1e3 * units / bw["bytes_per_s"])
         if c["workload"] == "fwd+bwd":
             assert set(c["temp_bytes"]) == set(libs)
@@ -70,7 +71,7 @@ def test_targets_report_value_limit_and_verdict(report):
 
 
 def test_text_table(capsys):
-    bench.run([*TINY, "--dtype", "bfloat16", "--mode", "single", "--workload", "eval"])
+    cli.run([*TINY, "--dtype", "bfloat16", "--mode", "single", "--workload", "eval"])
     out = capsys.readouterr().out
     assert "bandwidth:" in out
     cols = ("bn_jax ms", "flax ms", "bn_jax/flax", "minimal ms", "floor ms", "bound ms")
@@ -81,13 +82,14 @@ def test_text_table(capsys):
 
 def test_bad_shape_is_reported():
     with pytest.raises(SystemExit, match="--shape expects NAME=AxBxC"):
-        bench.run(["--shape", "oops"])
+        cli.run(["--shape", "oops"])
 
 
 def test_module_entry_point():
-    cmd = [sys.executable, "-m", "bn_jax.bench", "--help"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
-    assert "python -m bn_jax.bench" in out.stdout and "--json" in out.stdout
+    cmd = [sys.executable, "-m", "benchmarks", "--help"]
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, cwd=root)
+    assert "python -m benchmarks" in out.stdout and "--json" in out.stdout
 
 
 def test_network_mode_materializes_each_layer_for_gpu():
@@ -97,22 +99,22 @@ def test_network_mode_materializes_each_layer_for_gpu():
     import jax.numpy as jnp
 
     x = jnp.ones((8, 16))
-    layers = 3
+    n_layers = 3
     for name in ("bn_jax", "flax"):
-        lib = bench._BUILDERS[name](x)
-        fn, n = bench._make_workload(lib, "fwd", "network", layers)
+        lib = libraries.BUILDERS[name](x)
+        fn, n = layers.make_workload(lib, "fwd", "network", n_layers)
         params, state = lib.init(x)
         args = ([params] * n, [state] * n, x, x)
         text = jax.export.export(fn, platforms=["cuda"])(*args).mlir_module()
-        assert text.count("stablehlo.optimization_barrier") == layers - 1, name
-    floor, n = bench._make_floor("network", layers)
+        assert text.count("stablehlo.optimization_barrier") == n_layers - 1, name
+    floor, n = layers.make_floor("network", n_layers)
     a = jnp.ones((n, 16))
     text = jax.export.export(floor, platforms=["cuda"])(a, a, x).mlir_module()
-    assert text.count("stablehlo.optimization_barrier") == layers - 1
+    assert text.count("stablehlo.optimization_barrier") == n_layers - 1
 
 
 def test_milliseconds_keep_three_significant_figures():
-    assert [bench._fmt_ms(v) for v in (0.6604, 4.637, 95.43, None)] == [
+    assert [layers._fmt_ms(v) for v in (0.6604, 4.637, 95.43, None)] == [
         "0.660",
         "4.64",
         "95.4",
@@ -133,7 +135,7 @@ def test_optional_adapters_normalize_like_bn_jax(other, dtype):
     x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 3, 3, 8))).astype(dtype)
     outs = {}
     for name in ("bn_jax", other):
-        lib = bench._BUILDERS[name](x)
+        lib = libraries.BUILDERS[name](x)
         params, state = lib.init(x)
         y, _ = jax.jit(lambda p, s, x, lib=lib: lib.apply(p, s, x, True))(params, state, x)
         assert y.shape == x.shape
@@ -153,22 +155,22 @@ def test_minimal_program_makes_the_fewest_passes(workload, mode):
     import jax.numpy as jnp
 
     x = jnp.ones((64, 32))
-    fn = bench._make_minimal(workload, mode, layers=3)
-    layers = 3 if mode == "network" else 1
+    fn = layers.make_minimal(workload, mode, layers=3)
+    n_layers = 3 if mode == "network" else 1
     y, stats = fn(x, x)
-    assert y.shape == x.shape and y.dtype == x.dtype and len(stats) == layers
+    assert y.shape == x.shape and y.dtype == x.dtype and len(stats) == n_layers
     text = jax.jit(fn).lower(x, x).as_text()
     per_layer = 2 if workload == "fwd" else 4
-    assert len(re.findall(r"stablehlo.reduce\b", text)) == per_layer * layers
-    assert bench._make_minimal("eval", mode, 3) is None
+    assert len(re.findall(r"stablehlo.reduce\b", text)) == per_layer * n_layers
+    assert layers.make_minimal("eval", mode, 3) is None
 
 
 def test_models_report_structure():
     """``--models`` on the tiny MLP row: one entry per library and metric, through JSON."""
-    from bn_jax import bench_models
+    from benchmarks import models as bench_models
 
     argv = ["--models", "--tiny", "--model", "bn_mlp", "--repeats", "1", "--compiles", "1"]
-    report = json.loads(json.dumps(bench.run([*argv, "--json"])))
+    report = json.loads(json.dumps(cli.run([*argv, "--json"])))
     assert report["settings"] == {
         "repeats": 1,
         "compiles": 1,
@@ -194,7 +196,7 @@ def test_model_registry_builds_every_row_with_each_library():
     Flax's layer and no normalization; the two libraries' variables have the same tree."""
     import jax
 
-    from bn_jax import bench_models
+    from benchmarks import models as bench_models
 
     assert {"resnet18", "resnet50", "bn_mlp"} <= set(bench_models.MODELS)
     for name, builder in bench_models.MODELS.items():
@@ -209,4 +211,4 @@ def test_model_registry_builds_every_row_with_each_library():
             trees[lib] = jax.tree.structure(variables)
         assert trees["bn_jax"] == trees["flax"], name
     with pytest.raises(SystemExit, match="unknown models"):
-        bench.run(["--models", "--model", "nope"])
+        cli.run(["--models", "--model", "nope"])

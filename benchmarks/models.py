@@ -1,10 +1,10 @@
-"""Model-level benchmark: a full training step with bn_jax's drop-in against Flax's layer.
+"""Whole models: a full training step with bn_jax's drop-in against Flax's layer.
 
-Run ``python -m bn_jax.bench --models`` (``--model NAME`` for one row, ``--tiny``
-for a seconds-long smoke run). Each row is one model from :data:`MODELS`, built
-twice from the same code, once with each library's normalization classes
-(``bn_jax.linen.BatchNorm`` or ``flax.linen.BatchNorm``, same constructor), and
-one training step: forward in training mode, softmax cross-entropy, gradient,
+Run ``python -m benchmarks --models`` from a clone (``--model NAME`` for one
+row, ``--tiny`` for a seconds-long smoke run). Each row is one model from
+:data:`MODELS`, built twice from the same code, once with each library's
+normalization classes (``bn_jax.linen.BatchNorm`` or ``flax.linen.BatchNorm``,
+same constructor), and one training step: forward in training mode, softmax cross-entropy, gradient,
 an ``optax`` SGD-with-momentum update, and the new running statistics. Per
 library it reports
 
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import bn_jax.linen
+from benchmarks.timing import rotation
 
 # "none" replaces every normalization by the identity: what the rest of the
 # model costs (run it with --library none).
@@ -318,8 +319,7 @@ def run_model(
     compile_times: dict[str, list[float]] = {lib: [] for lib in libraries}
     compile_cpu: dict[str, list[float]] = {lib: [] for lib in libraries}
     for r in range(compiles):
-        k = r % len(libraries)
-        for lib in list(libraries[k:]) + list(libraries[:k]):
+        for lib in rotation(libraries, r):
             fn, xb, yb = steps[lib]
             fresh = jax.jit(lambda *a, fn=fn: fn(*a))  # a new function: no cache hit
             t0, c0 = time.perf_counter(), time.process_time()
@@ -338,8 +338,7 @@ def run_model(
         for _ in range(2):
             states[lib] = _run_step(compiled[lib], states[lib], *steps[lib][1:])
     for r in range(repeats):
-        k = r % len(libraries)
-        for lib in list(libraries[k:]) + list(libraries[:k]):
+        for lib in rotation(libraries, r):
             t0 = time.perf_counter()
             states[lib] = _run_step(compiled[lib], states[lib], *steps[lib][1:])
             times[lib].append(time.perf_counter() - t0)
@@ -361,7 +360,7 @@ def _run_step(compiled, state, x, labels):
     return params, stats, opt_state
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def _ratio_text(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}"
 
 
@@ -383,7 +382,7 @@ def format_models(results: Sequence[ModelResult], libraries: Sequence[str]) -> s
             vals = getattr(r, field)
             row = [r.model, "x".join(map(str, r.input_shape)), label]
             row += [fmt(vals[lib]) for lib in libraries]
-            row += [_ratio(vals.get("bn_jax"), vals.get(o)) for o in others]
+            row += [_ratio_text(vals.get("bn_jax"), vals.get(o)) for o in others]
             rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]

@@ -1,8 +1,9 @@
-"""Benchmark bn_jax against flax.linen.BatchNorm (and Haiku / Equinox on request).
+"""Single layers: bn_jax's BatchNorm against flax.linen.BatchNorm (and Haiku / Equinox).
 
-Run ``python -m bn_jax.bench`` (``--help`` for options; ``--json`` for machines).
-``python -m bn_jax.bench --models`` times a full training step of whole models
-instead (ResNet-18, ResNet-50, a BatchNorm MLP; see :mod:`bn_jax.bench_models`).
+Run ``python -m benchmarks`` from a clone (``--help`` for options; ``--json``
+for machines). ``python -m benchmarks --models`` times a full training step of
+whole models instead (see :mod:`benchmarks.models`); the layers under test are
+in :mod:`benchmarks.libraries`.
 
 BatchNorm is memory-bound, so every time is reported next to three references
 measured in the same process:
@@ -19,7 +20,7 @@ measured in the same process:
   ``y``;
 * the **fewest-pass program** (``minimal``): a plain program making exactly the
   passes a fused BatchNorm needs, compiled by the same XLA (see
-  :func:`_make_minimal`): what this compiler and machine allow any library.
+  :func:`make_minimal`): what this compiler and machine allow any library.
 
 Each workload runs in two modes: a **single** jitted call of one layer, and
 **network**, ``--layers`` layers chained inside one jitted program, as in a
@@ -47,25 +48,21 @@ float32 output).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.util
-import json
-import os
-import platform
 import statistics
-import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-import bn_jax
+from benchmarks.libraries import BUILDERS, Library
+from benchmarks.timing import time_interleaved
+
+# The same private copies bn_jax's statistics make on XLA:CPU, so that the
+# fewest-pass program gets the pass structure bn_jax gets.
 from bn_jax._core.stats import private_copies
 
 DEFAULT_SHAPES = {"conv": (128, 32, 32, 64), "dense": (256, 1024)}
@@ -86,126 +83,10 @@ TARGETS = {
 
 
 # ----------------------------------------------------------------------------
-# Libraries: each gives init() -> (params, state) and apply(params, state, x, training)
-# -> (y, state), with params a pytree of arrays to differentiate.
-
-
-@dataclasses.dataclass(frozen=True)
-class Library:
-    """A BatchNorm under test: ``init(x)``, ``apply(params, state, x, training)``."""
-
-    name: str
-    init: Callable[[jax.Array], tuple[Any, Any]]
-    apply: Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
-
-
-def _bn_jax_library(x: jax.Array) -> Library:
-    norm = bn_jax.BatchNorm()
-
-    def apply(params, state, x, training):
-        return norm.apply(params, state, x, training=training)
-
-    return Library("bn_jax", lambda x: norm.init(x), apply)
-
-
-def _flax_library(x: jax.Array) -> Library:
-    import flax.linen as nn
-
-    module = nn.BatchNorm()
-
-    def init(x):
-        v = module.init(jax.random.key(0), x, use_running_average=False)
-        return v["params"], v["batch_stats"]
-
-    def apply(params, state, x, training):
-        variables = {"params": params, "batch_stats": state}
-        if not training:
-            return module.apply(variables, x, use_running_average=True), state
-        y, new = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-        return y, new["batch_stats"]
-
-    return Library("flax", init, apply)
-
-
-def _haiku_library(x: jax.Array) -> Library:
-    import haiku as hk
-
-    def f(x, is_training):
-        bn = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.99, eps=1e-5)
-        return bn(x, is_training=is_training)
-
-    t = hk.without_apply_rng(hk.transform_with_state(f))
-
-    def init(x):
-        return t.init(jax.random.key(0), x, True)
-
-    def apply(params, state, x, training):
-        return t.apply(params, state, x, training)
-
-    return Library("haiku", init, apply)
-
-
-def _equinox_library(x: jax.Array) -> Library:
-    import equinox as eqx
-
-    # Equinox normalizes over vmapped axes: map every non-feature axis.
-    names = tuple(f"ax{i}" for i in range(x.ndim - 1))
-
-    static = {}
-
-    def init(x):
-        # Equinox keeps its statistics in ``dtype`` and cannot mix it with the
-        # input's (bfloat16 input with float32 statistics raises): use the input's.
-        bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-            input_size=x.shape[-1],
-            axis_name=names,
-            momentum=0.99,
-            eps=1e-5,
-            dtype=x.dtype,
-            mode="ema",  # running averages like the others (its default, which warns if unsaid)
-        )
-        params, static["module"] = eqx.partition(bn, eqx.is_inexact_array)
-        return params, state
-
-    def apply(params, state, x, training):
-        bn = eqx.nn.inference_mode(eqx.combine(params, static["module"]), value=not training)
-        f = bn
-        for name in reversed(names):
-            f = jax.vmap(f, in_axes=(0, None), out_axes=(0, None), axis_name=name)
-        return f(x, state)
-
-    return Library("equinox", init, apply)
-
-
-DEFAULT_LIBRARIES = ("bn_jax", "flax")
-
-
-def available_libraries(requested: Sequence[str] | None = None) -> list[str]:
-    """The libraries to time: ``requested`` (haiku and equinox when importable),
-    or bn_jax and flax when nothing is requested."""
-    names = list(DEFAULT_LIBRARIES)
-    names += [m for m in ("haiku", "equinox") if importlib.util.find_spec(m) is not None]
-    if not requested:
-        return list(DEFAULT_LIBRARIES)
-    unknown = sorted(set(requested) - set(names))
-    if unknown:
-        raise SystemExit(f"unknown or unavailable libraries {unknown}; available: {names}")
-    return [n for n in names if n in requested]
-
-
-_BUILDERS = {
-    "bn_jax": _bn_jax_library,
-    "flax": _flax_library,
-    "haiku": _haiku_library,
-    "equinox": _equinox_library,
-}
-
-
-# ----------------------------------------------------------------------------
 # Workloads.
 
 
-def _make_workload(lib: Library, workload: str, mode: str, layers: int):
+def make_workload(lib: Library, workload: str, mode: str, layers: int):
     """Returns ``(fn, n_layers)``: ``fn(params, states, x, w)`` jitted.
 
     In network mode ``params`` and ``states`` are lists, one entry per layer.
@@ -217,7 +98,7 @@ def _make_workload(lib: Library, workload: str, mode: str, layers: int):
             return lib.apply(params, states, x, training)
         h, new = x, []
         for i, (p, s) in enumerate(zip(params, states, strict=True)):
-            h, s = lib.apply(p, s, _between_layers(h, i), training)
+            h, s = lib.apply(p, s, between_layers(h, i), training)
             new.append(s)
         return h, new
 
@@ -235,7 +116,7 @@ def _make_workload(lib: Library, workload: str, mode: str, layers: int):
     return fn, n_layers
 
 
-def _between_layers(h: jax.Array, i: int) -> jax.Array:
+def between_layers(h: jax.Array, i: int) -> jax.Array:
     """Layer ``i``'s input: the previous layer's output, materialized.
 
     In a real model a convolution or matmul reads each normalization's output
@@ -250,19 +131,19 @@ def _per_layer(tree, n_layers: int, mode: str):
     return tree if mode == "single" else [tree] * n_layers
 
 
-def _make_floor(mode: str, layers: int):
+def make_floor(mode: str, layers: int):
     """The elementwise floor ``x * a + b``, once or ``layers`` times chained."""
     n_layers = layers if mode == "network" else 1
 
     def floor(a, b, x):
         for i in range(n_layers):
-            x = _between_layers(x, i) * a[i] + b[i]
+            x = between_layers(x, i) * a[i] + b[i]
         return x
 
     return jax.jit(floor), n_layers
 
 
-def _make_minimal(workload: str, mode: str, layers: int):
+def make_minimal(workload: str, mode: str, layers: int):
     """The fewest passes over memory any training-mode BatchNorm can make, as a
     plain program compiled by the same XLA: per layer, two per-channel sums and
     one elementwise pass forward; for ``fwd+bwd`` also two sums and one
@@ -284,7 +165,7 @@ def _make_minimal(workload: str, mode: str, layers: int):
     def minimal(x, w):
         inputs, stats, h = [], [], x
         for i in range(n_layers):
-            h = _between_layers(h, i)
+            h = between_layers(h, i)
             s1, s2 = sums(h, h)
             inputs.append(h)
             stats.append(s1 * 1e-6 + s2 * 1e-6)  # stands for the running statistics
@@ -296,28 +177,10 @@ def _make_minimal(workload: str, mode: str, layers: int):
             g0, g1 = sums(g, inputs[i])
             gi, xi = private_copies((g, inputs[i]))
             gf = gi.astype(f32) * (g0 * 1e-6) + xi.astype(f32) * (g1 * 1e-6)
-            g = _between_layers((gf + stats[i]).astype(x.dtype), i)
+            g = between_layers((gf + stats[i]).astype(x.dtype), i)
         return g, stats
 
     return jax.jit(minimal)
-
-
-def _time_interleaved(
-    calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
-) -> dict[str, list[float]]:
-    """Runs every call once per repeat, in rotating order; returns seconds."""
-    for call in calls.values():
-        for _ in range(warmup):
-            jax.block_until_ready(call())
-    names = list(calls)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            jax.block_until_ready(calls[n]())
-            times[n].append(time.perf_counter() - t0)
-    return times
 
 
 def _temp_bytes(fn, *args) -> int | None:
@@ -351,7 +214,7 @@ def measure_bandwidth(shape: tuple[int, ...], repeats: int, passes: int = 8) -> 
     def copy(x):
         return lax.fori_loop(0, passes, lambda i, y: y * 0.5 + i.astype(y.dtype), x)
 
-    t = _time_interleaved({"read": lambda: read(x), "copy": lambda: copy(x)}, repeats)
+    t = time_interleaved({"read": lambda: read(x), "copy": lambda: copy(x)}, repeats)
     read_bw = passes * x.nbytes / statistics.median(t["read"])
     copy_bw = passes * 2 * x.nbytes / statistics.median(t["copy"])
     return {
@@ -415,8 +278,8 @@ def run_case(
     temp: dict[str, int | None] = {}
     n = 1
     for name in libraries:
-        lib = _BUILDERS[name](x)
-        fn, n = _make_workload(lib, workload, mode, layers)
+        lib = BUILDERS[name](x)
+        fn, n = make_workload(lib, workload, mode, layers)
         params, state = lib.init(x)
         if workload == "eval":  # non-trivial running statistics
             _, state = jax.jit(partial(lib.apply, training=True))(params, state, x)
@@ -424,15 +287,15 @@ def run_case(
         calls[name] = lambda fn=fn, args=args: fn(*args)
         if workload == "fwd+bwd":
             temp[name] = _temp_bytes(fn, *args)
-    floor, _ = _make_floor(mode, layers)
+    floor, _ = make_floor(mode, layers)
     c = shape[-1]
     a = jnp.ones((n, c), dt)
     b = jnp.zeros((n, c), dt)
     calls["floor"] = lambda: floor(a, b, x)
-    minimal = _make_minimal(workload, mode, layers)
+    minimal = make_minimal(workload, mode, layers)
     if minimal is not None:
         calls["minimal"] = lambda: minimal(x, w)
-    t = _time_interleaved(calls, repeats)
+    t = time_interleaved(calls, repeats)
     med = {k: 1e3 * statistics.median(v) for k, v in t.items()}
     bound = 1e3 * BYTES_UNITS[workload] * n * x.nbytes / bandwidth
     return Case(
@@ -504,20 +367,6 @@ def summarize_targets(cases: Sequence[Case]) -> list[dict[str, Any]]:
     return out
 
 
-def machine_info() -> dict[str, Any]:
-    """Platform, Python, JAX and device of this run, for the report."""
-    dev = jax.devices()[0]
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": getattr(dev, "device_kind", str(dev)),
-    }
-
-
 def format_table(cases: Sequence[Case], libraries: Sequence[str]) -> str:
     """The measured cases as an aligned text table of times and ratios."""
     others = [n for n in libraries if n != "bn_jax"]
@@ -562,224 +411,3 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 def _fmt_mib(v: int | None) -> str:
     return "-" if v is None else f"{v / 2**20:.2f}"
-
-
-def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
-    if not items:
-        return dict(DEFAULT_SHAPES)
-    shapes = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            raise SystemExit(
-                f"--shape expects NAME=AxBxC, e.g. conv=128x32x32x64, got {item!r}"
-            ) from None
-        if len(shape) < 2 or min(shape) < 1:
-            raise SystemExit(f"--shape needs at least two positive sizes, got {item!r}")
-        shapes[name] = shape
-    return shapes
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of ``python -m bn_jax.bench``."""
-    p = argparse.ArgumentParser(
-        prog="python -m bn_jax.bench",
-        description="Time bn_jax against flax.linen.BatchNorm (and Haiku/Equinox on request), "
-        "with the elementwise floor and the bytes-moved bound.",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON document only")
-    p.add_argument(
-        "--repeats",
-        type=int,
-        help="timed runs per case (median); default 15, with --models 7",
-    )
-    p.add_argument("--layers", type=int, default=4, help="layers in network mode")
-    p.add_argument(
-        "--shape",
-        action="append",
-        metavar="NAME=AxBx..",
-        help="activation shape, features last (repeatable); default "
-        + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in DEFAULT_SHAPES.items()),
-    )
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--mode", action="append", choices=MODES)
-    p.add_argument("--workload", action="append", choices=WORKLOADS)
-    p.add_argument(
-        "--library",
-        action="append",
-        help="time these libraries (repeatable): bn_jax, flax, haiku, equinox; "
-        "default bn_jax and flax",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    models = p.add_argument_group("model rows (--models)")
-    models.add_argument(
-        "--models",
-        action="store_true",
-        help="time a full training step of whole models (ResNet-18, ResNet-50, BN-MLP) with "
-        "bn_jax's linen drop-in against Flax's layer, instead of single layers",
-    )
-    models.add_argument(
-        "--model", action="append", help="only these models (repeatable); default all"
-    )
-    models.add_argument(
-        "--compiles", type=int, default=3, help="fresh compiles per model (median); default 3"
-    )
-    models.add_argument(
-        "--tiny", action="store_true", help="tiny model configurations (a smoke run)"
-    )
-    return p
-
-
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the benchmark; returns the JSON-ready report (also printed)."""
-    args = build_parser().parse_args(argv)
-    if args.models:
-        return _run_models(args, argv)
-    args.repeats = 15 if args.repeats is None else args.repeats
-    if args.repeats < 1 or args.layers < 1:
-        raise SystemExit("--repeats and --layers must be positive")
-    shapes = _parse_shapes(args.shape)
-    dtypes = args.dtype or list(DEFAULT_DTYPES)
-    modes = args.mode or list(MODES)
-    workloads = args.workload or list(WORKLOADS)
-    libraries = available_libraries(args.library)
-    jobs = [(s, d, m, w) for s in shapes for d in dtypes for m in modes for w in workloads]
-    progress = _progress(len(jobs) + 1, disable=args.no_progress)
-    biggest = max(shapes.values(), key=lambda s: int(np.prod(s)))
-    bw = measure_bandwidth(biggest, args.repeats)
-    progress.update(1)
-    cases = []
-    for s, d, m, w in jobs:
-        progress.set_description(f"{s} {d} {m} {w}")
-        cases.append(
-            run_case(
-                s,
-                shapes[s],
-                d,
-                m,
-                w,
-                libraries=libraries,
-                layers=args.layers,
-                repeats=args.repeats,
-                bandwidth=bw["bytes_per_s"],
-            )
-        )
-        progress.update(1)
-    progress.close()
-    report = {
-        "machine": machine_info(),
-        "command": "python -m bn_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {"repeats": args.repeats, "layers": args.layers, "libraries": libraries},
-        "bandwidth": bw,
-        "cases": [dataclasses.asdict(c) for c in cases],
-        "targets": summarize_targets(cases),
-    }
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(_text_report(report, cases, libraries))
-    return report
-
-
-def _run_models(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
-    try:
-        from bn_jax import bench_models
-    except ImportError as e:
-        raise SystemExit(
-            f"--models needs flax and optax ({e}); install them with pip install 'bn_jax[bench]'"
-        ) from None
-
-    repeats = 7 if args.repeats is None else args.repeats
-    results = bench_models.run_models(
-        args.model, args.library, tiny=args.tiny, repeats=repeats, compiles=args.compiles
-    )
-    libraries = list(results[0].step_ms) if results else []
-    report = {
-        "machine": machine_info(),
-        "command": "python -m bn_jax.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {
-            "repeats": repeats,
-            "compiles": args.compiles,
-            "tiny": args.tiny,
-            "libraries": libraries,
-        },
-        "models": [dataclasses.asdict(r) for r in results],
-    }
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        m = report["machine"]
-        print(
-            f"machine: {m['device']} ({m['backend']}), {m['cpu_count']} cores, {m['platform']}; "
-            f"jax {m['jax']}\ntraining step (forward, loss, gradient, optax update, new "
-            f"statistics): median of {repeats} interleaved steps; compile: median of "
-            f"{args.compiles} fresh compiles\n\n" + bench_models.format_models(results, libraries)
-        )
-    return report
-
-
-def _text_report(report: dict[str, Any], cases: Sequence[Case], libraries: Sequence[str]) -> str:
-    m, bw = report["machine"], report["bandwidth"]
-    machine = (
-        f"machine: {m['device']} ({m['backend']}), {m['cpu_count']} cores, {m['platform']}; "
-        f"jax {m['jax']}"
-    )
-    bandwidth = (
-        f"bandwidth: {bw['bytes_per_s'] / 1e9:.2f} GB/s (read {bw['read_bytes_per_s'] / 1e9:.2f}, "
-        f"read+write {bw['copy_bytes_per_s'] / 1e9:.2f}); median of "
-        f"{report['settings']['repeats']} interleaved runs"
-    )
-    lines = [
-        machine,
-        bandwidth,
-        "",
-        format_table(cases, libraries),
-        "",
-        "targets:",
-    ]
-    for t in report["targets"]:
-        v = t["value"]
-        shown = "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-        best = t.get("fewest_passes")
-        also = "" if best is None else f"; fewest-pass program {best:.3f}"
-        lines.append(
-            f"  [{'met' if t['met'] else 'NOT met'}] {t['case']}: {t['target']} "
-            f"(measured {shown}{also})"
-        )
-    return "\n".join(lines)
-
-
-class _NoProgress:
-    """Stands in for a tqdm bar when there is no terminal or no tqdm."""
-
-    def update(self, n: int) -> None:
-        pass
-
-    def set_description(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, disable: bool) -> Any:
-    if disable or not sys.stderr.isatty():
-        return _NoProgress()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoProgress()
-    return tqdm(total=total, file=sys.stderr)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m bn_jax.bench``: runs and prints the benchmark."""
-    run(argv)
-
-
-if __name__ == "__main__":
-    main()
