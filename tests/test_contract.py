@@ -256,3 +256,26 @@ def test_allow_single_value_computes_as_the_reference(name):
     y, _ = norm.apply(params, norm.init(registry.C)[1], x, training=True)
     if name != "BatchRenorm":
         np.testing.assert_allclose(y, np.broadcast_to(params["bias"], shape), atol=1e-6)
+
+
+@names
+def test_new_state_has_the_stored_shape_and_dtype_under_an_outer_vmap(name):
+    """Under a ``vmap`` without an axis name (an ensemble of models, or per-example
+    calls that share one state), each new state value has the stored value's
+    shape, dtype and weak type as seen inside the trace, which is what
+    Equinox's ``State.set`` compares before it accepts a value."""
+    h = harness(name)
+    seen = []
+
+    def step(state, x):
+        _, new = h.call(h.params, state, x, jnp.int32(1), True)
+        seen.append((jax.eval_shape(lambda: state), jax.eval_shape(lambda: new)))
+        return new
+
+    xs = jnp.stack([h.x(0), h.x(1)])
+    ensemble = jax.tree.map(lambda a: jnp.stack([a, a]), h.state)
+    jax.eval_shape(jax.vmap(step), ensemble, xs)  # one state per model
+    jax.eval_shape(jax.vmap(step, in_axes=(None, 0)), h.state, xs)  # one shared state
+    assert len(seen) == 2
+    for old, new in seen:
+        assert old == new

@@ -208,7 +208,10 @@ def bound_axis_size(
 def stat_dtype(*dtypes: Any) -> jnp.dtype:
     """At least float32: the dtype statistics are accumulated in."""
     out = jnp.dtype(jnp.float32)
-    for d in dtypes:
-        if d is not None:
-            out = jnp.promote_types(out, d)
+    # Standard promotion on dtypes only, so that this also answers under
+    # jax_numpy_dtype_promotion="strict" (which refuses float32 with bfloat16).
+    with jax.numpy_dtype_promotion("standard"):
+        for d in dtypes:
+            if d is not None:
+                out = jnp.promote_types(out, d)
     return out

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bn_jax._core.checks import stat_dtype
 from bn_jax._core.normalize import StatsConfig, affine
 from bn_jax._core.stats import group_sum, moments, normalizing_var
 
@@ -126,7 +127,7 @@ def rms_statistics(
     ``axis_name`` the sum of squares and the count are summed over the devices
     in one collective.
     """
-    dt = jnp.promote_types(jnp.float32, x.dtype)
+    dt = stat_dtype(x.dtype)
     xf = x.astype(dt)
     sq = xf * xf
     if mask is None:
@@ -266,7 +267,7 @@ def _input_cotangent(inv, h, r0, y, scale, bias, r1, mask, y_dtype, in_dtype):
 
 def _reciprocal(scale: jax.Array, y_dtype: Any) -> jax.Array:
     """``1 / scale`` in at least float32, with ``|scale|`` floored at ``scale_floor``."""
-    s = scale.astype(jnp.promote_types(jnp.float32, scale.dtype))
+    s = scale.astype(stat_dtype(scale.dtype))
     floor = scale_floor(y_dtype)
     return 1 / jnp.where(jnp.abs(s) >= floor, s, jnp.where(s < 0, -floor, floor))
 

@@ -164,9 +164,9 @@ def merge_across(
     n_i, mean_i, m2_i = g[:, 0], g[:, 1], g[:, 2]
     n = jnp.sum(n_i, 0)
     safe = jnp.maximum(n, 1)
-    ref = mean_i[0]  # shift the weighted average for accuracy at large |mean|
-    mean = ref + jnp.sum(n_i * (mean_i - ref), 0) / safe
-    m2 = jnp.sum(m2_i, 0) + jnp.sum(n_i * jnp.square(mean_i - mean), 0)
+    ref = mean_i[:1]  # shift the weighted average for accuracy at large |mean|
+    mean = ref[0] + jnp.sum(n_i * (mean_i - ref), 0) / safe
+    m2 = jnp.sum(m2_i, 0) + jnp.sum(n_i * jnp.square(mean_i - mean[None]), 0)
     return Moments(n, mean, m2)
 
 
