@@ -397,3 +397,75 @@ def test_eval_never_needs_axis_name(data):
     y_ref = ref.bn_eval(x, state["mean"], state["var"], params["scale"], params["bias"], eps=EPS)
     assert_close(y, y_ref, 2e-5, "eval output")
     assert_close(same, state, 0.0, "eval state")
+
+
+# ---------------------------------------------------- several names, nested vmaps
+
+
+def test_tuple_axis_name_under_nested_vmaps(data):
+    """``axis_name=("a", "b")`` under ``vmap(vmap(..., axis_name="b"), axis_name="a")``
+    pools the statistics over all 2 x 4 lanes: output, gradients and running
+    statistics are those of one device with the whole batch (float64 reference),
+    and every lane keeps the same running statistics."""
+    x, w, params, state = data
+    norm = bn_jax.BatchNorm(axis_name=("a", "b"), momentum=MOMENTUM, epsilon=EPS)
+
+    def step(params, state, x, w):
+        y, new_state, (gp, gx) = bn_step(norm, params, state, x, w)
+        return y, new_state, (lax.psum(gp, ("a", "b")), gx)
+
+    inner = jax.vmap(step, axis_name="b", in_axes=(None, None, 0, 0))
+    f = jax.jit(jax.vmap(inner, axis_name="a", in_axes=(None, None, 0, 0)))
+    xs, ws = (a.reshape(2, N_DEV // 2, PER_DEV, *a.shape[1:]) for a in (x, w))
+    y, per_lane, (gp, gx) = f(params, state, xs, ws)
+    per_device = jax.tree.map(lambda a: a.reshape(N_DEV, *a.shape[2:]), per_lane)
+    gp = jax.tree.map(lambda g: g[0, 0], gp)
+    check_against_reference(data, y, per_device, (gp, gx))
+
+
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_every_normalizer_under_nested_vmaps_equals_one_device(name):
+    """With ``axis_name=("a", "b")`` under two nested ``vmap``s (2 x 2 lanes, each with
+    a slice of the input as the registry says), output, gradients with respect to
+    the parameters and the input, and the new state equal one device with the
+    whole input; the state comes out unbatched (``out_axes=None``), as Equinox
+    models return it."""
+    entry = registry.NORMALIZERS[name]
+    kind, extra = entry.split
+    if "momentum" in registry.fields(name):
+        extra = {**extra, "momentum": 0.5}
+    nested, single = entry.build(axis_name=("a", "b"), **extra), entry.build(**extra)
+    params = registry.example_params(single)
+    _, state = single.init(registry.C)
+    if "mean" in state:
+        state = {**state, "mean": state["mean"] + 0.5, "var": state["var"] * 2.0}
+    shape, axis = ((16, 3, registry.C), 0) if kind == "batch" else ((2, 8, registry.C), 1)
+    x = registry.example_x(3, shape)
+    w = np.random.default_rng(5).standard_normal(shape).astype(np.float32)  # loss = sum(y * w)
+    lanes = (*shape[:axis], 2, 2, -1, *shape[axis + 1 :])
+
+    def run_nested(p, x):
+        def lane(x):
+            return nested.apply(p, state, x, training=True)
+
+        inner = jax.vmap(lane, in_axes=axis, out_axes=(axis, None), axis_name="b")
+        y, new = jax.vmap(inner, in_axes=axis, out_axes=(axis, None), axis_name="a")(
+            x.reshape(lanes)
+        )
+        return y.reshape(shape), new
+
+    def run_single(p, x):
+        return single.apply(p, state, x, training=True)
+
+    def loss(run):
+        def f(p, x):
+            y, new = run(p, x)
+            return jnp.sum(y * w), (y, new)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+    (_, (y, new)), grads = loss(run_nested)(params, x)
+    (_, (y1, new1)), grads1 = loss(run_single)(params, x)
+    assert_close(y, y1, 1e-5, "output")
+    assert_close(new, new1, 1e-5, "state")
+    assert_close(grads, grads1, 1e-4, "gradients")

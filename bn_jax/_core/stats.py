@@ -209,6 +209,13 @@ def _all_gather(
     # so that shard_map can return running statistics replicated (P()).
     if axis_index_groups is None and _all_manual(axis_name):
         return lax.all_gather(v, axis_name, to="invarying")
+    if isinstance(axis_name, tuple) and axis_index_groups is None:
+        # vmap cannot gather over several of its axes at once: gather over one
+        # name at a time, the last first, which gives the layout of one gather
+        # over the tuple (vmap's collectives move no data between devices).
+        for name in reversed(axis_name):
+            v = lax.all_gather(v, name)
+        return v
     return lax.all_gather(v, axis_name, axis_index_groups=axis_index_groups)
 
 
