@@ -20,6 +20,9 @@ $(VENV)/bin/python:
 # Reinstall only when pyproject.toml changes: both commands are idempotent.
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test,docs,examples]'
+	# timm's FRN/EvoNorm layers are a test reference; its dependencies would
+	# bring torchvision (see docs/design.md), so it comes without them.
+	$(PY) -m pip install -q --no-deps timm==1.0.31
 	touch $@
 
 $(VENV)/.installed-examples: pyproject.toml | $(VENV)/bin/python

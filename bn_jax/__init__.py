@@ -25,6 +25,12 @@ from bn_jax.norms.layer_norm import LayerNorm
 from bn_jax.norms.layer_norm import layer_norm
 from bn_jax.norms.rms_norm import RMSNorm
 from bn_jax.norms.rms_norm import rms_norm
+from bn_jax.norms.filter_response_norm import FilterResponseNorm
+from bn_jax.norms.filter_response_norm import filter_response_norm
+from bn_jax.norms.evo_norm import EvoNormB0
+from bn_jax.norms.evo_norm import evo_norm_b0
+from bn_jax.norms.evo_norm import EvoNormS0
+from bn_jax.norms.evo_norm import evo_norm_s0
 from bn_jax.inference import fold_batch_norms
 from bn_jax.inference import fold_into_conv
 from bn_jax.inference import fold_into_dense
@@ -36,6 +42,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "BatchRenorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",
@@ -45,6 +54,9 @@ __all__ = [
     "SequenceBatchNorm",
     "batch_norm",
     "batch_renorm",
+    "evo_norm_b0",
+    "evo_norm_s0",
+    "filter_response_norm",
     "fold_batch_norms",
     "fold_into_conv",
     "fold_into_dense",

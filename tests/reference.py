@@ -413,3 +413,94 @@ def instance_norm_step(
     safe = np.maximum(total, 1)
     avg_mean, avg_var = (n * mean).sum(b) / safe, (n * var).sum(b) / safe
     return y, _new_state(state, avg_mean, avg_var, total, momentum, False)
+
+
+# --- normalization-activation layers (FRN, EvoNorm) ----------------------------
+#
+# Written from the papers: Singh & Krishnan 2020 (FRN, TLU) and Liu et al. 2020
+# (EvoNorm-B0, -S0). ``example_axes`` are the axes that index examples (the batch
+# axis, and a leading device axis when one is stacked in front): per-example
+# statistics are never taken over them.
+
+
+def _weights(x, mask):
+    return np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+
+
+def filter_response_norm(
+    x, scale=None, bias=None, tau=None, eps_learned=None, *, feature_axes=-1, eps=1e-6,
+    example_axes=(0,), mask=None,
+):  # fmt: skip
+    """FRN + TLU: ``max(x / sqrt(nu2 + eps) * scale + bias, tau)`` with ``nu2`` the mean of
+    ``x**2`` over every axis that is neither a feature nor an example axis (valid
+    elements only; 1 where there is none), and ``eps + |eps_learned|`` when a learned
+    epsilon is given."""
+    x = np.asarray(x, np.float64)
+    fa = axes_of(x.ndim, feature_axes)
+    red = tuple(i for i in range(x.ndim) if i not in fa and i not in example_axes)
+    w = _weights(x, mask)
+    n = w.sum(red, keepdims=True)
+    sq = np.where(w > 0, x * x, 0.0).sum(red, keepdims=True)
+    nu2 = np.where(n > 0, sq / np.maximum(n, 1), 1.0)
+    if eps_learned is not None:
+        eps = eps + np.abs(_per_feature(eps_learned, x.ndim, fa))
+    y = _scale_shift(x / np.sqrt(nu2 + eps), scale, bias, fa)
+    return y if tau is None else np.maximum(y, _per_feature(tau, x.ndim, fa))
+
+
+def evo_norm_b0_step(
+    x, scale, bias, v, state, *, axis=-1, eps=1e-5, momentum=0.99, example_axes=(0,), mask=None,
+    unbiased=False, training=True,
+):  # fmt: skip
+    """EvoNorm-B0: ``(y, new_state)`` with
+    ``y = x / max(sqrt(var_b + eps), v * x + sqrt(var_i + eps)) * scale + bias``;
+    ``var_b`` is the batch variance over every non-feature axis (the running ``var``
+    when not training), ``var_i`` each example's over the other non-feature axes,
+    both over valid elements (1 where there is none). In training ``state["var"]``
+    (and ``count``) move towards ``var_b`` as BatchNorm's running variance does."""
+    x = np.asarray(x, np.float64)
+    fa = axes_of(x.ndim, axis)
+    red_b = tuple(i for i in range(x.ndim) if i not in fa)
+    red_i = tuple(i for i in red_b if i not in example_axes)
+    _, var_i, _ = masked_moments(x, red_i, mask)
+    if training:
+        mean_b, var_b, n_b = masked_moments(x, red_b, mask)
+    else:
+        var_b = _per_feature(state["var"], x.ndim, fa)
+    right = _per_feature(v, x.ndim, fa) * x + np.sqrt(var_i + eps)
+    y = _scale_shift(x / np.maximum(np.sqrt(var_b + eps), right), scale, bias, fa)
+    if not training:
+        return y, state
+    new = dict(state)
+    _, new["var"], count = running_update(
+        np.zeros(np.shape(state["var"])), state["var"], state.get("count"),
+        mean_b.squeeze(red_b), var_b.squeeze(red_b), n_b.squeeze(red_b), momentum, unbiased,
+    )  # fmt: skip
+    if count is not None:
+        new["count"] = count
+    return y, new
+
+
+def evo_norm_s0(
+    x, num_groups, scale=None, bias=None, v=None, *, feature_axis=-1, reduction_axes=None,
+    eps=1e-5, mask=None,
+):  # fmt: skip
+    """EvoNorm-S0, looping over the groups of channels: each slice of ``C / G`` channels
+    along ``feature_axis`` gives ``x * sigmoid(v * x) / sqrt(var + eps)`` with ``var``
+    the variance over ``reduction_axes`` (default: all but axis 0) of its valid
+    elements; then ``* scale + bias``."""
+    x = np.asarray(x, np.float64)
+    c = feature_axis % x.ndim
+    red = tuple(range(1, x.ndim)) if reduction_axes is None else axes_of(x.ndim, reduction_axes)
+    m = None if mask is None else np.broadcast_to(mask, x.shape)
+    size = x.shape[c] // num_groups
+    vv = np.ones(x.shape[c]) if v is None else np.asarray(v, np.float64)
+    vx = x * _per_feature(vv, x.ndim, (c,))
+    y = np.empty_like(x)
+    for g in range(num_groups):
+        sl = [slice(None)] * x.ndim
+        sl[c] = slice(g * size, (g + 1) * size)
+        sl = tuple(sl)
+        _, var = _masked_moments(x[sl], red, None if m is None else m[sl])
+        y[sl] = x[sl] / (1 + np.exp(-vx[sl])) / np.sqrt(var + eps)
+    return _scale_shift(y, scale, bias, (c,))

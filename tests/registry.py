@@ -125,6 +125,33 @@ def _instance_ref(x, params, config):
     return y, _running(config)(mean.mean(0), var.mean(0))
 
 
+def _frn_ref(x, params, config):
+    y = ref.filter_response_norm(
+        x, *_affine(params), params.get("tau"), params.get("eps"), eps=_eps(config, 1e-6)
+    )
+    return y, {}
+
+
+def _b0_ref(x, params, config):
+    _, state = bn_jax.EvoNormB0(**config).init(C)
+    return ref.evo_norm_b0_step(
+        x,
+        *_affine(params),
+        params["v"],
+        {k: np.asarray(v) for k, v in state.items()},
+        eps=_eps(config, 1e-5),
+        momentum=config.get("momentum", 0.99),
+        unbiased=config.get("unbiased_running_var", False),
+    )
+
+
+def _s0_ref(x, params, config):
+    y = ref.evo_norm_s0(
+        x, config["num_groups"], *_affine(params), params["v"], eps=_eps(config, 1e-5)
+    )
+    return y, {}
+
+
 NORMALIZERS: dict[str, Entry] = {
     "BatchNorm": Entry(
         bn_jax.BatchNorm,
@@ -218,6 +245,44 @@ NORMALIZERS: dict[str, Entry] = {
             "memory_efficient": ({"memory_efficient": True}, False),
         },
         split=("reduced", TWO_AXES),
+    ),
+    "FilterResponseNorm": Entry(
+        bn_jax.FilterResponseNorm,
+        bn_jax.filter_response_norm,
+        {},
+        "feature_axes",
+        _frn_ref,
+        lambda config: {},
+        variants={
+            "no_tlu": ({"use_tau": False}, False),
+            "learned_epsilon": ({"learned_epsilon": True}, False),
+        },
+        split=("reduced", {}),
+    ),
+    "EvoNormB0": Entry(
+        bn_jax.EvoNormB0,
+        bn_jax.evo_norm_b0,
+        {},
+        "axis",
+        _b0_ref,
+        lambda config: {
+            k: (C,)
+            for k in (("var",) if config.get("momentum", 0.99) is not None else ("var", "count"))
+        },
+        single_value=((1, C), {}, r"EvoNormB0: training with a single value per feature"),
+        variants={
+            "cumulative": ({"momentum": None}, False),
+            "unbiased": ({"unbiased_running_var": True}, False),
+        },
+    ),
+    "EvoNormS0": Entry(
+        bn_jax.EvoNormS0,
+        bn_jax.evo_norm_s0,
+        {"num_groups": 2},
+        "feature_axis",
+        _s0_ref,
+        lambda config: {},
+        split=("reduced", {}),
     ),
 }
 

@@ -249,6 +249,56 @@ def per_example_case(norm, shape) -> Case:
     return Case(name, norm, shape, fa, reference, groups)
 
 
+def filter_response_norm_case(norm, shape) -> Case:
+    fa = ref.axes_of(len(shape), norm.feature_axes)
+
+    def reference(x, scale, bias, state, mask, lead, fixed, tau=None, eps=None):
+        y = ref.filter_response_norm(
+            x, scale, bias, tau, eps, feature_axes=_shift(fa, lead), eps=norm.epsilon,
+            example_axes=(lead,), mask=mask,
+        )  # fmt: skip
+        return y, state, None
+
+    return Case("FilterResponseNorm", norm, shape, fa, reference, _all_but(fa, batch_axis=True))
+
+
+def evo_norm_b0_case(norm, shape) -> Case:
+    fa = ref.axes_of(len(shape), norm.axis)
+
+    def reference(x, scale, bias, state, mask, lead, fixed, v=None):
+        y, new = ref.evo_norm_b0_step(
+            x, scale, bias, v, state, axis=_shift(fa, lead), eps=norm.epsilon,
+            momentum=norm.momentum, example_axes=tuple(range(lead + 1)), mask=mask,
+            unbiased=norm.unbiased_running_var,
+        )  # fmt: skip
+        return y, new, None
+
+    return Case("EvoNormB0", norm, shape, fa, reference, _all_but(fa))
+
+
+def evo_norm_s0_case(norm, shape) -> Case:
+    ndim = len(shape)
+    c = norm.feature_axis % ndim
+    groups = norm.num_groups
+
+    def reduced(lead):
+        return tuple(a for a in range(ndim + lead) if a != lead)
+
+    def reference(x, scale, bias, state, mask, lead, fixed, v=None):
+        y = ref.evo_norm_s0(
+            x, groups, scale, bias, v, feature_axis=c + lead, reduction_axes=reduced(lead),
+            eps=norm.epsilon, mask=mask,
+        )  # fmt: skip
+        return y, state, None
+
+    def view(x, lead):
+        cl = c + lead
+        xs = x.reshape((*x.shape[:cl], groups, x.shape[cl] // groups, *x.shape[cl + 1 :]))
+        return xs, (*(a + (a > cl) for a in reduced(lead) if a != cl), cl + 1)
+
+    return Case("EvoNormS0", norm, shape, (c,), reference, view)
+
+
 CASES = {
     "BatchNorm": batch_norm_case,
     "BatchRenorm": batch_renorm_case,
@@ -258,6 +308,9 @@ CASES = {
     "InstanceNorm": instance_norm_case,
     "LayerNorm": per_example_case,
     "RMSNorm": per_example_case,
+    "FilterResponseNorm": filter_response_norm_case,
+    "EvoNormB0": evo_norm_b0_case,
+    "EvoNormS0": evo_norm_s0_case,
 }
 
 
@@ -364,6 +417,38 @@ def _draw_per_example(draw, name: str) -> Case:
     return case_for(getattr(bn_jax, name)(**cfg), shape)
 
 
+def draw_filter_response_norm(draw) -> Case:
+    shape = _shape(draw, 2, 5)
+    axis, _ = _axes(draw, len(shape), list(range(1, len(shape))))
+    norm = bn_jax.FilterResponseNorm(
+        **_common(draw),
+        feature_axes=axis,
+        use_tau=draw(st.booleans()),
+        learned_epsilon=draw(st.booleans()),
+    )
+    return case_for(norm, shape)
+
+
+def draw_evo_norm_b0(draw) -> Case:
+    shape = _shape(draw, 2, 5)
+    axis, fa = _axes(draw, len(shape), list(range(1, len(shape))))
+    assume(_reduced(shape, fa) >= 2)
+    norm = bn_jax.EvoNormB0(**_common(draw), **_running_options(draw), axis=axis)
+    return case_for(norm, shape)
+
+
+def draw_evo_norm_s0(draw) -> Case:
+    shape = _shape(draw, 2, 5)
+    ndim = len(shape)
+    c = draw(st.integers(1, ndim - 1))
+    shape = (*shape[:c], draw(st.sampled_from([2, 4, 6])), *shape[c + 1 :])
+    groups = draw(st.sampled_from([g for g in (1, 2, 3, 6) if shape[c] % g == 0]))
+    norm = bn_jax.EvoNormS0(
+        **_common(draw), num_groups=groups, feature_axis=c - ndim if draw(st.booleans()) else c
+    )
+    return case_for(norm, shape)
+
+
 DRAW = {
     "BatchNorm": draw_batch_norm,
     "BatchRenorm": draw_batch_renorm,
@@ -373,6 +458,9 @@ DRAW = {
     "InstanceNorm": draw_instance_norm,
     "LayerNorm": lambda draw: _draw_per_example(draw, "LayerNorm"),
     "RMSNorm": lambda draw: _draw_per_example(draw, "RMSNorm"),
+    "FilterResponseNorm": draw_filter_response_norm,
+    "EvoNormB0": draw_evo_norm_b0,
+    "EvoNormS0": draw_evo_norm_s0,
 }
 
 
@@ -472,7 +560,8 @@ def check_against_reference(case: Case, dtype_name: str, mode: str, mask_kind, s
     x64, g64, p64, s64 = _f64(x), _f64(g), _f64(params), _f64(state)
 
     def reference(x, p, fixed=None):
-        return case.reference(x, p.get("scale"), p.get("bias"), s64, mask, lead, fixed)
+        extra = {k: v for k, v in p.items() if k not in ("scale", "bias")}  # tau, v, eps
+        return case.reference(x, p.get("scale"), p.get("bias"), s64, mask, lead, fixed, **extra)
 
     y_ref, state_ref, fixed = reference(x64, p64)
 
@@ -508,9 +597,16 @@ def check_against_reference(case: Case, dtype_name: str, mode: str, mask_kind, s
     # tolerance is relative to the sum of the terms' magnitudes before they cancel:
     # with a = |scale| / sqrt(var + eps) per element, the backward pass computes
     # dx = a * (g - mean(g) - x_hat * mean(g * x_hat)), dscale = sum(g * x_hat),
-    # dbias = sum(g).
+    # dbias = sum(g). The other parameters (tau, v, eps) act on each element of y
+    # on its own: their terms are g times each element's change.
     absg = np.abs(g64)
     rms_g = np.sqrt(np.mean(g64 * g64))
+
+    def elementwise(k, v, h=1e-6):
+        up, down = ({**p64, k: p64[k] + t * v} for t in (h, -h))
+        dy = (reference(x64, up, fixed)[0] - reference(x64, down, fixed)[0]) / (2 * h)
+        return np.sum(absg * np.abs(dy))
+
     magnitude = {
         "x": lambda v: np.sum(np.abs(v) * a * case.gain * (absg + rms_g * (1 + x_hat))),
         "scale": lambda v: np.sum(absg * (case.gain * x_hat + 1) * _bcast(np.abs(v), case, lead)),
@@ -530,7 +626,7 @@ def check_against_reference(case: Case, dtype_name: str, mode: str, mask_kind, s
         d1, d2 = central(h), central(h / 2)
         expected = (4 * d2 - d1) / 3
         got = np.sum(np.asarray(grads[k], np.float64) * v)
-        mag = magnitude[k](v) + abs(expected)
+        mag = (magnitude[k](v) if k in magnitude else elementwise(k, v)) + abs(expected)
         tol = (4 * eps_dt + 64 * EPS32 * (1 + kappa)) * mag + abs(d2 - d1) + 1e-7
         assert abs(got - expected) <= tol, (
             f"gradient along {k}: {got:.6g} vs reference {expected:.6g} (tol {tol:.3g})"
@@ -568,7 +664,9 @@ def test_matches_float64_reference(drawn):
     check_against_reference(case, opts["dtype"], opts["mode"], opts["mask"], opts["seed"])
 
 
-STATEFUL = ("BatchNorm", "BatchRenorm", "GhostBatchNorm", "SequenceBatchNorm", "InstanceNorm")
+STATEFUL = (
+    "BatchNorm", "BatchRenorm", "GhostBatchNorm", "SequenceBatchNorm", "InstanceNorm", "EvoNormB0",
+)  # fmt: skip
 
 
 @examples(ci=20)
@@ -591,9 +689,10 @@ def test_non_finite_values_leave_the_statistics_they_reach_alone(drawn, n_bad, v
     lead = 1 if opts["mode"] == "vmap" else 0
     p64 = _f64(params)
     with np.errstate(invalid="ignore", over="ignore"):  # the reference meets them too
-        _, ref_state, _ = case.reference(_f64(x), p64.get("scale"), p64.get("bias"),
-                                         _f64(state), mask, lead, None)  # fmt: skip
-    hit = ~(np.isfinite(ref_state["mean"]) & np.isfinite(ref_state["var"]))
+        _, ref_state, _ = case.reference(_f64(x), p64.pop("scale", None), p64.pop("bias", None),
+                                         _f64(state), mask, lead, None, **p64)  # fmt: skip
+    # a non-finite valid element makes the variance non-finite (EvoNormB0 keeps no mean)
+    hit = ~(np.isfinite(ref_state.get("mean", 0.0)) & np.isfinite(ref_state["var"]))
     for k, v in new_state.items():
         v = np.asarray(v)[0] if opts["mode"] == "vmap" else np.asarray(v)
         if k == "skipped":

@@ -466,3 +466,56 @@ def functional_doc(layer: str, summary: str, example: str, extra_args: str = "")
         f"      ``(y, new_state)``, as :meth:`{layer}.apply`.\n\n"
         f"    Example::\n\n        {example}\n    "
     )
+
+
+# ------------------------------------------- parameters beyond scale and bias
+
+
+def named_params(
+    inits: Mapping[str, Initializer | None],
+    shape: tuple[int, ...],
+    key: jax.Array | None,
+    dtype: Any,
+) -> Params:
+    """One ``shape``-d parameter per name of ``inits`` whose initializer is not None,
+    in ``dtype``, each from its own key (split from ``key``, or from
+    ``jax.random.key(0)`` without one). For normalizers with parameters besides
+    ``scale`` and ``bias`` (FRN's ``tau``, EvoNorm's ``v``)."""
+    keys = jax.random.split(jax.random.key(0) if key is None else key, len(inits))
+    return {
+        name: jnp.asarray(init(k, shape, dtype), dtype)
+        for (name, init), k in zip(inits.items(), keys, strict=True)
+        if init is not None
+    }
+
+
+def checked_params(
+    norm: Any,
+    inits: Mapping[str, Any],
+    params: Any,
+    x: jax.Array,
+    feature_axes: tuple[int, ...],
+    axis_arg: str,
+    running: Mapping[str, jax.Array] | None = None,
+) -> dict[str, jax.Array | None]:
+    """The parameters ``norm`` uses (the names of ``inits`` whose value is not None)
+    from ``params``, checked against ``x``'s feature shape along ``feature_axes``
+    (``axis_arg`` names the field that gives them), as are the ``running`` state
+    arrays, and made broadcastable against ``x``; None for the names not in use."""
+    layer = type(norm).__name__
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{layer}: params must be a dict, got {type(params).__name__}.")
+    arrays: dict[str, Any] = {}
+    for name, init in inits.items():
+        if init is not None and name not in params:
+            raise ValueError(
+                f"{layer}: params has no {name!r} (keys: {sorted(params)}) but this "
+                f"configuration uses it; build params with {layer}.init."
+            )
+        arrays[f"params[{name!r}]"] = None if init is None else jnp.asarray(params[name])
+    for name, value in (running or {}).items():
+        arrays[f"state[{name!r}]"] = value
+    checks.check_features(x.shape, feature_axes, arrays, getattr(norm, axis_arg), axis_arg)
+    return {
+        name: broadcastable(arrays[f"params[{name!r}]"], x.ndim, feature_axes) for name in inits
+    }

@@ -1,0 +1,177 @@
+"""Filter Response Normalization with the Thresholded Linear Unit (Singh & Krishnan, 2020)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bn_jax._core import checks
+from bn_jax._core.memory_efficient import rms_statistics
+from bn_jax.norms._common import (
+    Initializer,
+    Mask,
+    Params,
+    State,
+    check_common_fields,
+    check_training,
+    check_x,
+    checked_mask,
+    checked_params,
+    feature_shape,
+    freeze,
+    functional,
+    named_params,
+    other_axes,
+    out_dtype,
+)
+
+
+def _initial_eps(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """The learned epsilon's initial value, 1e-4 (TensorFlow Addons' FRN layer starts there)."""
+    del key
+    return jnp.full(shape, 1e-4, dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FilterResponseNorm:
+    r"""Filter Response Normalization: divide by the mean square over space, then threshold.
+
+    For every example ``n`` (axis 0) and channel ``c``, over the remaining
+    (spatial) axes, with no mean subtraction::
+
+        nu2 = mean(x[n, ..., c]**2)
+        y = x / sqrt(nu2 + epsilon) * scale + bias
+        z = max(y, tau)                        # the TLU; use_tau=False returns y
+
+    The Thresholded Linear Unit (TLU) ``max(y, tau)`` is the paper's
+    activation that goes with FRN: a learned threshold per channel, which
+    stands in for a ReLU after the layer (``max(y, tau) = relu(y - tau) +
+    tau``) and keeps units from dying when ``y`` is biased away from zero.
+    With ``learned_epsilon=True`` the constant becomes ``epsilon + |eps|``
+    with ``eps`` a learned parameter per channel (the paper's remedy for
+    activation maps of one or few spatial positions, where ``x / sqrt(x**2
+    + epsilon)`` is close to ``sign(x)``). No running statistics: ``state``
+    is ``{}``; ``training`` is accepted and ignored.
+
+    When to use it: convolutional networks trained with small or variable
+    batches (each example is normalized on its own, so training and
+    evaluation compute the same thing), in place of a BatchNorm-ReLU pair.
+
+    Args:
+      epsilon: added to the mean square; must be positive (the paper's
+        default 1e-6; timm uses 1e-5).
+      dtype: output dtype; ``None`` keeps the input's. The mean square is
+        reduced in at least float32.
+      param_dtype: dtype of the parameters.
+      use_scale, use_bias: learn ``scale`` / ``bias`` (absent from params
+        when False).
+      use_tau: apply the TLU with a learned ``tau`` (on by default, as in the
+        paper); False gives the plain normalization ``y``.
+      learned_epsilon: learn ``eps`` (one per channel) and use ``epsilon +
+        |eps|``.
+      scale_init, bias_init, tau_init, eps_init: Flax-style initializers
+        ``(key, shape, dtype)``; defaults 1, 0, 0 and ``1e-4``.
+      feature_axes: the channel axes (default ``-1``; ``1`` for NCHW); may not
+        include the batch axis 0. The mean square is taken over every other
+        axis except 0.
+      axis_name: a mapped axis over which the spatial axes are split (spatial
+        parallelism): the sum of squares is merged across its devices. Not
+        needed for data parallelism (each example is normalized on its own).
+      axis_index_groups: merge within these groups of devices only.
+
+    Example::
+
+        norm = bn_jax.FilterResponseNorm()
+        params, state = norm.init(64)     # {"scale", "bias", "tau"}, {}
+        z, _ = norm.apply(params, state, x, training=True)    # x: [N, H, W, 64]
+
+    Reference: S. Singh and S. Krishnan, "Filter Response Normalization
+    Layer: Eliminating Batch Dependence in the Training of Deep Neural
+    Networks", CVPR 2020.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    use_bias: bool = True
+    use_tau: bool = True
+    learned_epsilon: bool = False
+    scale_init: Initializer = jax.nn.initializers.ones
+    bias_init: Initializer = jax.nn.initializers.zeros
+    tau_init: Initializer = jax.nn.initializers.zeros
+    eps_init: Initializer = _initial_eps
+    feature_axes: int | tuple[int, ...] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+
+    def __post_init__(self) -> None:
+        freeze(self, feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"))
+        check_common_fields(self)
+
+    def _inits(self) -> dict[str, Initializer | None]:
+        """Each parameter's initializer, None where the parameter is not in use."""
+        return {
+            "scale": self.scale_init if self.use_scale else None,
+            "bias": self.bias_init if self.use_bias else None,
+            "tau": self.tau_init if self.use_tau else None,
+            "eps": self.eps_init if self.learned_epsilon else None,
+        }
+
+    def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
+        """Returns ``(params, {})``: ``scale``, ``bias``, ``tau`` (and ``eps``) per channel."""
+        shape = feature_shape(features, self.feature_axes, "FilterResponseNorm", "feature_axes")
+        return named_params(self._inits(), shape, key, self.param_dtype), {}
+
+    def apply(
+        self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
+    ) -> tuple[jax.Array, State]:
+        """Normalizes each channel of each example by its root mean square over the spatial
+        axes, then applies the TLU; ``state`` (``{}``) is returned unchanged and
+        ``training`` has no effect. See :meth:`Normalizer.apply`.
+
+        Raises:
+          ValueError: also for feature axes that include the batch axis 0.
+        """
+        check_training(training, "FilterResponseNorm")
+        x = check_x(x)
+        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
+        if 0 in feature_axes:
+            raise ValueError(
+                f"FilterResponseNorm: feature_axes={self.feature_axes!r} includes axis 0, the "
+                f"batch axis; put the batch first."
+            )
+        p = checked_params(self, self._inits(), params, x, feature_axes, "feature_axes")
+        mask, _ = checked_mask(self, x.shape, mask)
+        dt = checks.stat_dtype(x.dtype)
+        eps = jnp.asarray(self.epsilon, dt)
+        if p["eps"] is not None:
+            eps = eps + jnp.abs(p["eps"].astype(dt))
+        # The mean square is RMSNorm's statistic, taken over the spatial axes.
+        inv, _ = rms_statistics(
+            x,
+            mask,
+            axes=other_axes(x.ndim, feature_axes, first=1),
+            epsilon=eps,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
+        y = x.astype(dt) * inv
+        if p["scale"] is not None:
+            y = y * p["scale"].astype(dt)
+        if p["bias"] is not None:
+            y = y + p["bias"].astype(dt)
+        if p["tau"] is not None:
+            y = jnp.maximum(y, p["tau"].astype(dt))
+        return y.astype(out_dtype(self, x)), state
+
+
+filter_response_norm = functional(
+    FilterResponseNorm,
+    "filter_response_norm",
+    "z, _ = bn_jax.filter_response_norm(params, {}, x, training=True)",
+)
