@@ -1,13 +1,15 @@
 """DESIGN.md section 6, as a matrix: every listed error, for every normalizer of
 ``tests/registry.py`` it applies to, raises the documented exception type with
-a message that names the argument (and what came). Errors are raised before
-anything is compiled, so this file is fast."""
+a message that names the argument (and what came), and the accepted bounds
+do what they say. Errors are raised before anything is compiled, so this file
+is fast."""
 
 from __future__ import annotations
 
 import re
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import bn_jax
@@ -65,9 +67,36 @@ def test_momentum_outside_unit_interval(name, momentum):
 
 
 @pytest.mark.parametrize("name", registry.with_field("momentum"))
-@pytest.mark.parametrize("momentum", [0.0, 1.0, None])
-def test_momentum_bounds_are_accepted(name, momentum):
-    NORMALIZERS[name].build(momentum=momentum)
+def test_cumulative_momentum_is_accepted(name):
+    NORMALIZERS[name].build(momentum=None)
+
+
+@pytest.mark.parametrize("name", registry.with_field("momentum"))
+@pytest.mark.parametrize("momentum", [0.0, 1.0])
+def test_momentum_bounds_keep_or_replace_the_running_statistics(name, momentum):
+    """``new = momentum * old + (1 - momentum) * batch`` at its bounds: 1 keeps the
+    running statistics bit for bit, 0 replaces them with the batch's (float64 NumPy),
+    whatever they were before."""
+    entry = NORMALIZERS[name]
+    norm = entry.build(momentum=momentum)
+    params, state = norm.init(X_SHAPE[-1])
+    rng = np.random.default_rng(2)
+    old = {
+        **state,
+        "mean": jnp.asarray(rng.normal(3.0, 1.0, state["mean"].shape), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2.0, state["var"].shape), jnp.float32),
+    }
+    x = registry.example_x()
+    _, new = norm.apply(params, old, x, training=True)
+    if momentum == 1.0:
+        for key in ("mean", "var"):
+            np.testing.assert_array_equal(new[key], old[key])
+    else:
+        # The reference's step starts from init's state; with momentum 0 that cannot matter.
+        _, want = entry.reference(x, params, {**entry.config, "momentum": 0.0})
+        assert not np.allclose(want["mean"], old["mean"])  # the check below can tell
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(new[key], want[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pathlib
 import re
 
+import numpy as np
+
+from tests import reference as ref
 from tests.devices import cpu_only
 
 README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -35,8 +38,30 @@ def test_quickstart_prints_what_the_readme_says(capsys):
     assert f"prints `{printed}`" in " ".join(text.split())
 
 
-def test_flax_drop_in_block_runs(capsys):
-    run(block("Flax: change one import"), capsys)
+def test_flax_drop_in_block_matches_flax_and_numpy():
+    """The block's output is Flax's BatchNorm (stable variance) on the same input and
+    variables, and its output and new running statistics are a float64 NumPy training
+    step's on the Dense layer's output."""
+    import flax.linen as nn
+
+    ns = {}
+    exec(compile(block("Flax: change one import"), "README.md", "exec"), ns)
+    x, variables, y, updates = ns["x"], ns["variables"], ns["y"], ns["updates"]
+    assert y.shape == (4, 16) and float(np.std(y)) > 0.1  # not a degenerate input
+
+    flax_bn = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
+    flax_model = nn.Sequential([nn.Dense(16), flax_bn, nn.relu])
+    y_flax, updates_flax = flax_model.apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
+
+    params = variables["params"]
+    h = np.asarray(nn.Dense(16).apply({"params": params["layers_0"]}, x), np.float64)
+    scale, bias = params["layers_1"]["scale"], params["layers_1"]["bias"]
+    np.testing.assert_allclose(y, np.maximum(ref.bn_train(h, scale, bias), 0), atol=1e-5)
+    mean, var, _ = ref.bn_stats(h)
+    for got in (updates["batch_stats"]["layers_1"], updates_flax["batch_stats"]["layers_1"]):
+        np.testing.assert_allclose(got["mean"], ref.ema(0.0, mean, 0.99), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got["var"], ref.ema(1.0, var, 0.99), rtol=1e-5)
 
 
 def _close(table_value: str, measured: str) -> bool:
