@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from bn_jax._core import checks
-from bn_jax._core.stats import Moments, local_moments, merge_across
+from bn_jax._core.stats import Moments, merge_across, moments
 
 Carry = TypeVar("Carry")
 Batches = Iterable[Any] | Callable[[], Iterable[Any]]
@@ -110,7 +110,7 @@ def feature_moments(
         x, mask = xs[0], masks[0]
         axes = checks.resolve_axes(axis, x.ndim)
         front = tuple(i for i in range(x.ndim) if i not in axes)
-        return Moments(*(v.reshape(fshape) for v in local_moments(x, front, mask)))
+        return Moments(*(v.reshape(fshape) for v in moments(x, front, mask)))
     # Several calls: lay each out as (elements, features...) and concatenate.
     flat, flat_masks = [], []
     for x, mask in zip(xs, masks, strict=True):
@@ -120,7 +120,7 @@ def feature_moments(
         m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
         flat_masks.append(jnp.transpose(m, order).reshape(-1, *fshape))
     mask = None if all(m is None for m in masks) else jnp.concatenate(flat_masks)
-    return Moments(*(v.reshape(fshape) for v in local_moments(jnp.concatenate(flat), (0,), mask)))
+    return Moments(*(v.reshape(fshape) for v in moments(jnp.concatenate(flat), (0,), mask)))
 
 
 @jax.jit

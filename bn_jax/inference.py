@@ -41,7 +41,7 @@ from jax import lax
 from bn_jax import _recalibrate
 from bn_jax._core import checks
 from bn_jax._core.stats import Moments, merge_across
-from bn_jax.norms._common import broadcastable
+from bn_jax.norms._common import broadcast_shape
 
 __all__ = ["fold_batch_norms", "fold_into_conv", "fold_into_dense", "recalibrate"]
 
@@ -312,7 +312,8 @@ def _fold_arrays(kernel, bias, scale, beta, mean, var, *, epsilon, axes):
     new_bias = new_bias * factor
     if beta is not None:
         new_bias = new_bias + beta.astype(dt)
-    new_kernel = kernel.astype(dt) * broadcastable(factor, kernel.ndim, axes)
+    factor = factor.reshape(broadcast_shape(kernel.ndim, axes, factor.shape))
+    new_kernel = kernel.astype(dt) * factor
     bias_dtype = kernel.dtype if bias is None else bias.dtype
     return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)
 

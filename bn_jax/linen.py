@@ -1,4 +1,4 @@
-"""``flax.linen`` drop-ins over the bn_jax core.
+"""``flax.linen`` layers over the bn_jax core.
 
 Swap one import and keep the rest of a Flax model::
 
@@ -23,26 +23,32 @@ the options of the bn_jax normalizer that Flax lacks (e.g.
 :class:`GhostBatchNorm` and :class:`SequenceBatchNorm` take
 ``use_running_average`` and the options of their normalizer.
 
-``with patch(**overrides):`` makes every ``flax.linen`` norm layer compute
-with bn_jax, without editing the model. The deliberate differences from Flax
-are listed in the documentation's Flax page.
+Each class's ``__call__`` hands its call to :func:`_call`, which reads the
+layer's variables, runs the bn_jax normalizer's ``apply`` and writes the
+running statistics back. ``with patch(**overrides):`` makes every
+``flax.linen`` norm layer compute with bn_jax, without editing the model.
+The deliberate differences from Flax are listed in the documentation's Flax
+page.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.core import meta
+from flax.linen import dtypes
 
-from bn_jax import _adapter
-from bn_jax._adapter import LAYERS, Layer
+import bn_jax
+from bn_jax import _layers
 from bn_jax._linen_tools import fold, recalibrate
+from bn_jax.norms._common import Initializer
+from bn_jax.norms.batch_renorm import Schedule
 
 __all__ = [
     "BatchNorm",
@@ -59,130 +65,280 @@ __all__ = [
 ]
 
 
-def _apply(
-    self: nn.Module,
-    layer: Layer,
-    native: bool,
-    x: Any,
-    use_running_average: bool | None = None,
-    mask: Any = None,
-    **kwargs: Any,
-) -> Any:
-    """The body of every drop-in's ``__call__`` (and of patched Flax layers)."""
-    options = layer.options(lambda name, default: getattr(self, name, default), native, _PATCH)
-    x = jnp.asarray(x)
-    param_shapes, state_shapes = layer.shapes(options, x)
-    stat_dtype = None if getattr(self, "force_float32_reductions", True) else self.param_dtype
+class BatchNorm(nn.BatchNorm):
+    """Batch Normalization: drop-in for ``flax.linen.BatchNorm``, computed by
+    :class:`bn_jax.BatchNorm`.
 
-    def initial(name: str) -> Any:
-        value = layer.initial_state(options, x)[name]
-        if stat_dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
-            value = value.astype(stat_dtype)
-        return value
+    Flax's fields, order and defaults (except the stable
+    ``use_fast_variance=False``), call arguments and variables; then the
+    options Flax lacks: ``unbiased_running_var``, ``allow_single_value``
+    (default True here, as Flax computes one value per feature) and
+    ``count_skipped``. ``momentum=None`` keeps an exact cumulative average (a
+    ``count`` joins ``batch_stats``). See :class:`bn_jax.BatchNorm` for the
+    formula and the conventions, and the Flax page of the documentation for
+    every deliberate difference from Flax.
+    """
 
-    stats = {n: self.variable("batch_stats", n, initial, n) for n in state_shapes}
-    params = {}
-    for name, s in param_shapes.items():
-        if self.has_variable("params", name):  # shapes are checked by the core, with its hints
-            params[name] = meta.unbox(self.get_variable("params", name))
-        else:
-            params[name] = self.param(name, getattr(self, f"{name}_init"), s.shape, s.dtype)
+    momentum: float | None = 0.99  # type: ignore[assignment]  # None: a cumulative average
+    use_fast_variance: bool = False
+    unbiased_running_var: bool = False
+    allow_single_value: bool = True
+    count_skipped: bool = False
 
-    training = True
-    if stats:
+    @nn.compact
+    def __call__(
+        self, x: Any, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x`` with batch statistics (updating the running ones) or the
+        running statistics when ``use_running_average`` (this argument or the field)."""
         use_ra = nn.merge_param(
-            "use_running_average", getattr(self, "use_running_average", None), use_running_average
+            "use_running_average", self.use_running_average, use_running_average
         )
-        training = not use_ra
-    initializing = self.is_initializing()
-    state = {n: v.value for n, v in stats.items()}
-    y, new_state = _adapter.run(
-        layer,
-        options,
-        params,
-        state,
-        x,
-        training=training,
-        initializing=initializing,
-        mask=mask,
-        **kwargs,
-    )
+        return _call(self, bn_jax.BatchNorm, x, not use_ra, mask)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Layer Normalization: drop-in for ``flax.linen.LayerNorm``, computed by
+    :class:`bn_jax.LayerNorm`.
+
+    Flax's fields, order and defaults (except the stable
+    ``use_fast_variance=False``), call arguments and variables; then
+    ``memory_efficient`` (a backward pass computed from the output, see
+    :class:`bn_jax.LayerNorm`).
+    """
+
+    use_fast_variance: bool = False
+    memory_efficient: bool = False
+
+    @nn.compact
+    def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes each example of ``x`` over ``reduction_axes``."""
+        return _call(self, bn_jax.LayerNorm, x, True, mask)
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMS normalization: drop-in for ``flax.linen.RMSNorm``, computed by
+    :class:`bn_jax.RMSNorm`.
+
+    Flax's fields, order and defaults, call arguments and variables; then
+    ``memory_efficient`` (a backward pass computed from the output, see
+    :class:`bn_jax.RMSNorm`). ``use_fast_variance`` is kept for Flax's
+    signature (an RMS has no mean to subtract).
+    """
+
+    use_fast_variance: bool = False
+    memory_efficient: bool = False
+
+    @nn.compact
+    def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
+        """Rescales each example of ``x`` by its root mean square over ``reduction_axes``."""
+        return _call(self, bn_jax.RMSNorm, x, True, mask)
+
+
+class GroupNorm(nn.GroupNorm):
+    """Group Normalization: drop-in for ``flax.linen.GroupNorm``, computed by
+    :class:`bn_jax.GroupNorm`.
+
+    Flax's fields, order and defaults (except the stable
+    ``use_fast_variance=False``), call arguments and variables; then
+    ``feature_axis`` (the grouped channel axis, last by default as in Flax) and
+    ``memory_efficient`` (see :class:`bn_jax.GroupNorm`).
+    """
+
+    use_fast_variance: bool = False
+    feature_axis: int = -1
+    memory_efficient: bool = False
+
+    @nn.compact
+    def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes each group of channels of each example of ``x``."""
+        return _call(self, bn_jax.GroupNorm, x, True, mask)
+
+
+class InstanceNorm(nn.InstanceNorm):
+    """Instance Normalization: drop-in for ``flax.linen.InstanceNorm``, computed by
+    :class:`bn_jax.InstanceNorm`.
+
+    Flax's fields, order and defaults (except the stable
+    ``use_fast_variance=False``), call arguments and variables; then
+    PyTorch's optional running statistics (``track_running_stats``,
+    ``momentum``, ``unbiased_running_var``), ``allow_single_value`` (default
+    True, as Flax), ``count_skipped`` and ``use_running_average`` (used when
+    ``track_running_stats``).
+    """
+
+    use_fast_variance: bool = False
+    track_running_stats: bool = False
+    momentum: float | None = 0.99
+    unbiased_running_var: bool = False
+    allow_single_value: bool = True
+    count_skipped: bool = False
+    use_running_average: bool | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: Any, *, mask: jax.Array | None = None, use_running_average: bool | None = None
+    ) -> jax.Array:
+        """Normalizes each channel of each example of ``x``; with
+        ``track_running_stats``, ``use_running_average`` picks the running statistics."""
+        training = True
+        if self.track_running_stats:
+            training = not nn.merge_param(
+                "use_running_average", self.use_running_average, use_running_average
+            )
+        return _call(self, bn_jax.InstanceNorm, x, training, mask)
+
+
+class _BatchFields(nn.Module):
+    """The fields of the BatchNorm variants: :class:`bn_jax.BatchNorm`'s, with
+    ``use_running_average`` and the drop-in default ``allow_single_value=True``."""
+
+    use_running_average: bool | None = None
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    axis: int | tuple[int, ...] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = jax.nn.initializers.ones
+    bias_init: Initializer = jax.nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_fast_variance: bool = False
+    unbiased_running_var: bool = False
+    allow_single_value: bool = True
+    count_skipped: bool = False
+
+
+class BatchRenorm(_BatchFields):
+    """Batch Renormalization as a ``flax.linen`` module, computed by
+    :class:`bn_jax.BatchRenorm` (same fields, plus ``use_running_average``)."""
+
+    rmax: Schedule = 3.0
+    dmax: Schedule = 5.0
+
+    @nn.compact
+    def __call__(
+        self, x: Any, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x`` (renormalized batch statistics, or the running ones when
+        ``use_running_average``)."""
+        use_ra = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        return _call(self, bn_jax.BatchRenorm, x, not use_ra, mask)
+
+
+class GhostBatchNorm(_BatchFields):
+    """Ghost Batch Normalization as a ``flax.linen`` module, computed by
+    :class:`bn_jax.GhostBatchNorm` (same fields, plus ``use_running_average``;
+    ``virtual_batch_size`` is required)."""
+
+    virtual_batch_size: int = dataclasses.field(kw_only=True)
+
+    @nn.compact
+    def __call__(
+        self, x: Any, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x`` with the statistics of each virtual batch, or the running
+        ones when ``use_running_average``."""
+        use_ra = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        return _call(self, bn_jax.GhostBatchNorm, x, not use_ra, mask)
+
+
+class SequenceBatchNorm(_BatchFields):
+    """Recurrent Batch Normalization as a ``flax.linen`` module, computed by
+    :class:`bn_jax.SequenceBatchNorm` (same fields, plus ``use_running_average``;
+    ``max_steps`` is required)."""
+
+    max_steps: int = dataclasses.field(kw_only=True)
+    time_axis: int = 1
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Any,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+        step: int | jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes a whole sequence, or the time step ``step`` of one (see
+        :meth:`bn_jax.SequenceBatchNorm.apply`)."""
+        use_ra = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        return _call(self, bn_jax.SequenceBatchNorm, x, not use_ra, mask, step=step)
+
+
+# The Flax layers bn_jax computes, and the normalizer of each.
+_NORMALIZERS: dict[type[nn.Module], type] = {
+    nn.BatchNorm: bn_jax.BatchNorm,
+    nn.LayerNorm: bn_jax.LayerNorm,
+    nn.RMSNorm: bn_jax.RMSNorm,
+    nn.GroupNorm: bn_jax.GroupNorm,
+    nn.InstanceNorm: bn_jax.InstanceNorm,
+}
+_DROP_INS = (BatchNorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm)
+_PATCH: dict[str, Any] = {}  # the overrides while patch() is active
+
+
+def _call(module: Any, cls: Any, x: Any, training: bool, mask: Any, **kwargs: Any) -> jax.Array:
+    """Runs ``module`` (a layer of this module, or a Flax layer under :func:`patch`)
+    with the normalizer ``cls``: the variables in, the new running statistics out.
+
+    The output dtype is Flax's: ``dtype``, else the promoted type of ``x`` and
+    the parameters; integer input is normalized in float32. While
+    initializing, no collective runs and one value per feature is allowed
+    (``init``'s example input is often a dummy ``jnp.ones((1, C))``).
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    initializing = module.is_initializing()
+    changes = dict(_PATCH)
+    if not isinstance(module, _DROP_INS + _FAMILY):  # a Flax layer under patch()
+        changes = {**_layers.FLAX_DEFAULTS, **changes}
+    if initializing:
+        changes.update(axis_name=None, axis_index_groups=None, allow_single_value=True)
+    norm = _layers.normalizer(cls, module, changes)
+    param_specs, state_specs = _layers.variables(norm, x.shape)
+    params = {}
+    for name, spec in param_specs.items():
+        if module.has_variable("params", name):  # shapes are checked by the core
+            params[name] = meta.unbox(module.get_variable("params", name))
+        else:
+            init = getattr(module, f"{name}_init")
+            params[name] = module.param(name, init, spec.shape, spec.dtype)
+    float32_stats = getattr(module, "force_float32_reductions", True)
+    stats = {
+        name: module.variable("batch_stats", name, _initial, norm, x, name, float32_stats)
+        for name in state_specs
+    }
+    dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
+    if dtype != norm.dtype:
+        norm = _layers.normalizer(cls, module, {**changes, "dtype": dtype})
+    state = {name: v.value for name, v in stats.items()}
+    y, new = norm.apply(params, state, x, training=training, mask=mask, **kwargs)
     if stats and training and not initializing:
         for name, v in stats.items():
-            v.value = _adapter.stored(new_state[name], v.value)
+            v.value = _layers.stored(new[name], v.value)
     return y
 
 
-def _call_signature(layer: Layer, base: type) -> inspect.Signature:
-    """Flax's call signature, plus ``use_running_average`` where Flax's layer has none
-    but the normalizer may keep running statistics (InstanceNorm)."""
-    if layer.flax_name is None:
-        return _adapter.family_call_signature()
-    sig = inspect.signature(base.__call__)
-    if layer.may_keep_state and "use_running_average" not in sig.parameters:
-        sig = _adapter.with_keyword(sig, "use_running_average", None)
-    return sig
+def _initial(norm: Any, x: jax.Array, name: str, float32_stats: bool) -> jax.Array:
+    """The initial value of the running statistic ``name``; in ``param_dtype`` with
+    Flax's ``force_float32_reductions=False``."""
+    value = norm.init(jax.ShapeDtypeStruct(x.shape, jnp.float32))[1][name]
+    if not float32_stats and jnp.issubdtype(value.dtype, jnp.floating):
+        value = value.astype(norm.param_dtype)
+    return value
 
 
-def _make_call(layer: Layer, sig: inspect.Signature) -> Any:
-    def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        bound = sig.bind(self, *args, **kwargs)
-        arguments = dict(bound.arguments)
-        del arguments["self"]
-        extra = arguments.pop("kwargs", {})
-        native = isinstance(self, _DROP_INS[layer.name])
-        return _apply(self, layer, native, **arguments, **extra)
-
-    __call__.__signature__ = sig  # type: ignore[attr-defined]
-    __call__.__doc__ = _adapter.call_doc(layer)
-    return nn.compact(__call__)
-
-
-def _drop_in(layer: Layer) -> type[nn.Module]:
-    """The ``flax.linen`` Module class for ``layer``."""
-    base = getattr(nn, layer.flax_name) if layer.flax_name else nn.Module
-    flax_fields = [f.name for f in dataclasses.fields(base)] if layer.flax_name else []
-    annotations: dict[str, Any] = {}
-    namespace: dict[str, Any] = {}
-    for name, default in _adapter.DEFAULTS.items():
-        if name in flax_fields:
-            annotations[name] = Any
-            namespace[name] = default
-    if layer.may_keep_state and "use_running_average" not in flax_fields:
-        annotations["use_running_average"] = Any
-        namespace["use_running_average"] = None
-    for f in layer.extras(flax_fields):
-        annotations[f.name] = Any
-        default = layer.default(f)
-        if default is dataclasses.MISSING:
-            namespace[f.name] = dataclasses.field(kw_only=True)
-        else:
-            namespace[f.name] = default
-    namespace.update(
-        {
-            "__annotations__": annotations,
-            "__call__": _make_call(layer, _call_signature(layer, base)),
-            "__module__": __name__,
-            "__qualname__": layer.name,
-            "__doc__": _adapter.class_doc(layer, "flax.linen", namespace),
-        }
-    )
-    return type(layer.name, (base,), namespace)
-
-
-# While patch() is active: its overrides (and an "__active__" marker).
-_PATCH: dict[str, Any] = {}
-
-_DROP_INS: dict[str, type[nn.Module]] = {name: _drop_in(layer) for name, layer in LAYERS.items()}
-
-BatchNorm = _DROP_INS["BatchNorm"]
-LayerNorm = _DROP_INS["LayerNorm"]
-RMSNorm = _DROP_INS["RMSNorm"]
-GroupNorm = _DROP_INS["GroupNorm"]
-InstanceNorm = _DROP_INS["InstanceNorm"]
-BatchRenorm = _DROP_INS["BatchRenorm"]
-GhostBatchNorm = _DROP_INS["GhostBatchNorm"]
-SequenceBatchNorm = _DROP_INS["SequenceBatchNorm"]
+_FAMILY = (BatchRenorm, GhostBatchNorm, SequenceBatchNorm)
 
 
 @contextlib.contextmanager
@@ -210,16 +366,17 @@ def patch(**overrides: Any) -> Iterator[None]:
       TypeError: an override that no norm layer has.
       RuntimeError: ``patch`` is already active.
     """
-    _adapter.check_overrides(overrides)
+    _layers.check_overrides(_NORMALIZERS.values(), overrides)
     if _PATCH:
         raise RuntimeError("bn_jax.linen.patch is already active; patches do not nest.")
-    saved = {name: vars(getattr(nn, name))["__call__"] for name in _adapter.FLAX_NAMES}
+    drop_ins = {flax_cls: ours for flax_cls, ours in zip(_NORMALIZERS, _DROP_INS, strict=True)}
+    saved = {flax_cls: vars(flax_cls)["__call__"] for flax_cls in _NORMALIZERS}
     try:
-        for name in _adapter.FLAX_NAMES:
-            getattr(nn, name).__call__ = vars(_DROP_INS[name])["__call__"]
+        for flax_cls, ours in drop_ins.items():
+            flax_cls.__call__ = vars(ours)["__call__"]  # type: ignore[method-assign]
         _PATCH.update(overrides, __active__=True)
         yield
     finally:
         _PATCH.clear()
-        for name, call in saved.items():
-            getattr(nn, name).__call__ = call
+        for flax_cls, call in saved.items():
+            flax_cls.__call__ = call  # type: ignore[method-assign]

@@ -1,4 +1,4 @@
-"""``flax.nnx`` drop-ins over the bn_jax core.
+"""``flax.nnx`` layers over the bn_jax core.
 
 Swap one import and keep the rest of an NNX model::
 
@@ -29,25 +29,33 @@ that Flax lacks. :class:`BatchRenorm`, :class:`GhostBatchNorm` and
 :class:`SequenceBatchNorm` take ``num_features``, ``use_running_average``, the
 options of their normalizer, ``rngs`` and ``<param>_metadata``.
 
-:func:`convert` switches the norm layers of an existing model to these
-drop-ins in place, keeping their variables. The deliberate differences from
-Flax are listed in the documentation's Flax page.
+Each class's ``__call__`` hands its call to :func:`_call`, which reads the
+layer's variables, runs the bn_jax normalizer's ``apply`` and writes the
+running statistics back. :func:`convert` switches the norm layers of an
+existing model to these classes in place, keeping their variables. The
+deliberate differences from Flax are listed in the documentation's Flax page.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
+import functools
+from collections.abc import Hashable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.linen.dtypes import canonicalize_dtype
 from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes
+from flax.typing import Dtype, PromoteDtypeFn
 
-from bn_jax import _adapter
-from bn_jax._adapter import LAYERS, Layer
+import bn_jax
+from bn_jax import _layers
 from bn_jax._nnx_tools import fold, recalibrate
+from bn_jax.norms._common import Initializer
+from bn_jax.norms.batch_renorm import Schedule
 
 __all__ = [
     "BatchNorm",
@@ -64,177 +72,10 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=nnx.Module)
-_P = inspect.Parameter
-_NO_METADATA = MappingProxyType({})
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
-def _options(module: nnx.Module, layer: Layer) -> dict[str, Any]:
-    options = layer.options(lambda name, default: getattr(module, name, default))
-    if layer.flax_name == "GroupNorm" and options.get("num_groups") is not None:
-        options["group_size"] = None  # Flax's nnx GroupNorm stores both; num_groups decides
-    return options
-
-
-def _create_missing(
-    module: nnx.Module,
-    layer: Layer,
-    num_features: Any,
-    rngs: nnx.Rngs | None = None,
-    initializers: dict[str, Any] | None = None,
-    metadata: dict[str, Any] | None = None,
-) -> None:
-    """Creates the normalizer's variables that ``module`` does not have yet.
-
-    Flax's constructor makes those of Flax's layers; this makes the rest
-    (all of a family member's, ``count`` for ``momentum=None``, InstanceNorm's
-    running statistics), as Flax would: one ``rngs.params()`` key per
-    parameter, ``scale`` first, ``nnx.data(None)`` for an unused parameter.
-    """
-    options = _options(module, layer)
-    param_shapes, _ = layer.shapes(options, num_features)
-    for name in layer.param_names:
-        if name in vars(module):
-            continue
-        if name not in param_shapes:
-            setattr(module, name, nnx.data(None))
-            continue
-        s = param_shapes[name]
-        value = initializers[name](rngs.params(), tuple(s.shape), s.dtype)
-        setattr(module, name, nnx.Param(value, **dict(metadata[name])))
-    for name, value in layer.initial_state(options, num_features).items():
-        if name not in vars(module):
-            setattr(module, name, nnx.BatchStat(value))
-
-
-def _init_signature(layer: Layer, base: type) -> tuple[inspect.Signature, list[str]]:
-    """The constructor's signature and the names of the arguments Flax's ``__init__``
-    does not take (passed to the normalizer instead)."""
-    if layer.flax_name:
-        flax_params = list(inspect.signature(base.__init__).parameters.values())
-        params = [
-            p.replace(default=_adapter.DEFAULTS[p.name]) if p.name in _adapter.DEFAULTS else p
-            for p in flax_params
-        ]
-        have = [p.name for p in params]
-    else:
-        params = [
-            _P("self", _P.POSITIONAL_OR_KEYWORD),
-            _P("num_features", _P.POSITIONAL_OR_KEYWORD),
-        ]
-        have = []
-    extra: list[_P] = []
-    if layer.may_keep_state and "use_running_average" not in have:
-        extra.append(_P("use_running_average", _P.KEYWORD_ONLY, default=False))
-    for f in layer.extras(have):
-        d = layer.default(f)
-        extra.append(
-            _P(f.name, _P.KEYWORD_ONLY, default=_P.empty if d is dataclasses.MISSING else d)
-        )
-    if not layer.flax_name:
-        extra.append(_P("rngs", _P.KEYWORD_ONLY))
-        extra += [
-            _P(f"{n}_metadata", _P.KEYWORD_ONLY, default=_NO_METADATA) for n in layer.param_names
-        ]
-    return inspect.Signature([*params, *extra]), [p.name for p in extra]
-
-
-def _make_init(layer: Layer, base: type) -> Any:
-    sig, extra_names = _init_signature(layer, base)
-
-    def __init__(self: nnx.Module, *args: Any, **kwargs: Any) -> None:
-        bound = sig.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        del arguments["self"]
-        extra = {n: arguments.pop(n) for n in extra_names}
-        num_features = arguments.get("num_features", extra.get("num_features"))
-        rngs = arguments.get("rngs", extra.pop("rngs", None))
-        metadata = {n: extra.pop(f"{n}_metadata", _NO_METADATA) for n in layer.param_names}
-        # Initializers are used here only: they do not enter the graph, as in Flax.
-        initializers = {n: extra.pop(f"{n}_init", None) for n in layer.param_names}
-        if layer.flax_name:
-            base.__init__(self, **arguments)
-        else:
-            self.num_features = num_features
-        for name, value in extra.items():
-            setattr(self, name, value)
-        _adapter.validate(layer, _options(self, layer))
-        _create_missing(self, layer, num_features, rngs, initializers, metadata)
-
-    __init__.__signature__ = sig  # type: ignore[attr-defined]
-    return __init__
-
-
-def _call_signature(layer: Layer, base: type) -> inspect.Signature:
-    if layer.flax_name is None:
-        return _adapter.family_call_signature()
-    sig = inspect.signature(base.__call__)
-    if layer.may_keep_state and "use_running_average" not in sig.parameters:
-        sig = _adapter.with_keyword(sig, "use_running_average", None)
-    return sig
-
-
-def _apply(
-    self: nnx.Module,
-    layer: Layer,
-    x: Any,
-    use_running_average: bool | None = None,
-    mask: Any = None,
-    **kwargs: Any,
-) -> Any:
-    """The body of every drop-in's ``__call__``."""
-    options = _options(self, layer)
-    param_shapes, state_shapes = layer.shapes(options, jnp.asarray(x))
-    params = {n: getattr(self, n)[...] for n in param_shapes}
-    stats = {n: getattr(self, n) for n in state_shapes}
-    promote = getattr(self, "promote_dtype", None)
-    if promote is not None:  # Flax's promotion: (x, [mean, var,] scale, bias)
-        values = [getattr(self, n, None) for n in layer.param_names]
-        values = [None if v is None else v[...] for v in values]
-        running = (
-            [stats[n][...] for n in ("mean", "var")] if _FLAX_PROMOTES_STATS[layer.name] else []
-        )
-        promoted = promote((x, *running, *values), dtype=getattr(self, "dtype", None))
-        x = promoted[0]
-        named = dict(zip(layer.param_names, promoted[1 + len(running) :], strict=True))
-        params = {n: named[n] for n in param_shapes}
-    training = True
-    if stats:
-        use_ra = first_from(
-            use_running_average,
-            getattr(self, "use_running_average", None),
-            error_msg=(
-                f"{type(self).__name__}: no use_running_average was given. Pass it to the "
-                f"constructor ({type(self).__name__}(..., use_running_average=False)), at call "
-                f"time (layer(x, use_running_average=True)), or switch the model with "
-                f"model.train() / model.eval() or nnx.view(model, use_running_average=...)."
-            ),
-        )
-        training = not use_ra
-    state = {n: v[...] for n, v in stats.items()}
-    y, new_state = _adapter.run(
-        layer, options, params, state, x, training=training, mask=mask, **kwargs
-    )
-    if stats and training:
-        for name, v in stats.items():
-            v[...] = _adapter.stored(new_state[name], v[...])
-    return y
-
-
-def _make_call(layer: Layer, sig: inspect.Signature) -> Any:
-    def __call__(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-        bound = sig.bind(self, *args, **kwargs)
-        arguments = dict(bound.arguments)
-        del arguments["self"]
-        extra = arguments.pop("kwargs", {})
-        return _apply(self, layer, **arguments, **extra)
-
-    __call__.__signature__ = sig  # type: ignore[attr-defined]
-    __call__.__doc__ = _adapter.call_doc(layer)
-    return __call__
-
-
-def set_view(self: nnx.Module, use_running_average: bool | None = None) -> None:
+def _set_view(self: Any, use_running_average: bool | None = None) -> None:
     """Sets the mode for ``nnx.view``.
 
     Args:
@@ -245,35 +86,578 @@ def set_view(self: nnx.Module, use_running_average: bool | None = None) -> None:
         self.use_running_average = use_running_average
 
 
-def _drop_in(layer: Layer) -> type[nnx.Module]:
-    """The ``flax.nnx`` Module class for ``layer``."""
-    base = getattr(nnx, layer.flax_name) if layer.flax_name else nnx.Module
-    namespace: dict[str, Any] = {
-        "__init__": _make_init(layer, base),
-        "__call__": _make_call(layer, _call_signature(layer, base)),
-        "__module__": __name__,
-        "__qualname__": layer.name,
-    }
-    if layer.may_keep_state and not hasattr(base, "set_view"):
-        namespace["set_view"] = set_view
-    extras = [p for p in _init_signature(layer, base)[1]]
-    namespace["__doc__"] = _adapter.class_doc(layer, "flax.nnx", extras)
-    return type(layer.name, (base,), namespace)
+class BatchNorm(nnx.BatchNorm):
+    """Batch Normalization: drop-in for ``flax.nnx.BatchNorm``, computed by
+    :class:`bn_jax.BatchNorm`.
+
+    Flax's constructor arguments, order and defaults (except the stable
+    ``use_fast_variance=False``), call arguments, attributes and variables;
+    then, keyword-only, the options Flax lacks: ``unbiased_running_var``,
+    ``allow_single_value`` (default True here, as Flax computes one value per
+    feature) and ``count_skipped``. ``momentum=None`` keeps an exact
+    cumulative average (a ``count`` ``BatchStat`` joins ``mean`` and
+    ``var``). See :class:`bn_jax.BatchNorm` for the formula and conventions.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        unbiased_running_var: bool = False,
+        allow_single_value: bool = True,
+        count_skipped: bool = False,
+    ) -> None:
+        # momentum=None (an exact cumulative average) is bn_jax's.
+        super().__init__(
+            num_features,
+            use_running_average=use_running_average,
+            axis=axis,
+            momentum=momentum,  # type: ignore[arg-type]
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=use_bias,
+            use_scale=use_scale,
+            bias_init=bias_init,
+            scale_init=scale_init,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            rngs=rngs,
+            bias_metadata=bias_metadata,
+            scale_metadata=scale_metadata,
+        )
+        self.unbiased_running_var = unbiased_running_var
+        self.allow_single_value = allow_single_value
+        self.count_skipped = count_skipped
+        _add_variables(self, bn_jax.BatchNorm, num_features)
+
+    def __call__(
+        self, x: Any, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x`` with batch statistics (updating the running ones) or the
+        running statistics when ``use_running_average`` (this argument or the
+        attribute)."""
+        use_ra = _mode(self, use_running_average)
+        return _call(self, bn_jax.BatchNorm, x, not use_ra, mask)
 
 
-# Flax's nnx BatchNorm passes its running statistics through promote_dtype.
-_FLAX_PROMOTES_STATS = {name: name == "BatchNorm" for name in LAYERS}
+class LayerNorm(nnx.LayerNorm):
+    """Layer Normalization: drop-in for ``flax.nnx.LayerNorm``, computed by
+    :class:`bn_jax.LayerNorm`.
 
-_DROP_INS: dict[str, type[nnx.Module]] = {name: _drop_in(layer) for name, layer in LAYERS.items()}
+    Flax's constructor arguments, order and defaults (except the stable
+    ``use_fast_variance=False``), call arguments, attributes and variables;
+    then, keyword-only, ``memory_efficient`` (see :class:`bn_jax.LayerNorm`).
+    """
 
-BatchNorm = _DROP_INS["BatchNorm"]
-LayerNorm = _DROP_INS["LayerNorm"]
-RMSNorm = _DROP_INS["RMSNorm"]
-GroupNorm = _DROP_INS["GroupNorm"]
-InstanceNorm = _DROP_INS["InstanceNorm"]
-BatchRenorm = _DROP_INS["BatchRenorm"]
-GhostBatchNorm = _DROP_INS["GhostBatchNorm"]
-SequenceBatchNorm = _DROP_INS["SequenceBatchNorm"]
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        reduction_axes: int | Sequence[int] = -1,
+        feature_axes: int | Sequence[int] = -1,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__(
+            num_features,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=use_bias,
+            use_scale=use_scale,
+            bias_init=bias_init,
+            scale_init=scale_init,
+            reduction_axes=reduction_axes,
+            feature_axes=feature_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            rngs=rngs,
+            bias_metadata=bias_metadata,
+            scale_metadata=scale_metadata,
+        )
+        self.memory_efficient = memory_efficient
+        _add_variables(self, bn_jax.LayerNorm, num_features)
+
+    def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes each example of ``x`` over ``reduction_axes``."""
+        return _call(self, bn_jax.LayerNorm, x, True, mask)
+
+
+class RMSNorm(nnx.RMSNorm):
+    """RMS normalization: drop-in for ``flax.nnx.RMSNorm``, computed by
+    :class:`bn_jax.RMSNorm`.
+
+    Flax's constructor arguments, order and defaults, call arguments,
+    attributes and variables; then, keyword-only, ``memory_efficient`` (see
+    :class:`bn_jax.RMSNorm`). ``use_fast_variance`` is kept for Flax's
+    signature (an RMS has no mean to subtract).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_scale: bool = True,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        reduction_axes: int | Sequence[int] = -1,
+        feature_axes: int | Sequence[int] = -1,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__(
+            num_features,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_scale=use_scale,
+            scale_init=scale_init,
+            reduction_axes=reduction_axes,
+            feature_axes=feature_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+        )
+        self.memory_efficient = memory_efficient
+        _add_variables(self, bn_jax.RMSNorm, num_features)
+
+    def __call__(self, x: Any, mask: jax.Array | None = None) -> jax.Array:
+        """Rescales each example of ``x`` by its root mean square over ``reduction_axes``."""
+        return _call(self, bn_jax.RMSNorm, x, True, mask)
+
+
+class GroupNorm(nnx.GroupNorm):
+    """Group Normalization: drop-in for ``flax.nnx.GroupNorm``, computed by
+    :class:`bn_jax.GroupNorm`.
+
+    Flax's constructor arguments, order and defaults (except the stable
+    ``use_fast_variance=False``), call arguments, attributes and variables;
+    then, keyword-only, ``feature_axis`` (the grouped channel axis, last by
+    default as in Flax) and ``memory_efficient`` (see :class:`bn_jax.GroupNorm`).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        reduction_axes: int | Sequence[int] | None = None,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        feature_axis: int = -1,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__(
+            num_features,
+            num_groups,
+            group_size,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=use_bias,
+            use_scale=use_scale,
+            bias_init=bias_init,
+            scale_init=scale_init,
+            reduction_axes=reduction_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            rngs=rngs,
+            bias_metadata=bias_metadata,
+            scale_metadata=scale_metadata,
+        )
+        self.feature_axis = feature_axis
+        self.memory_efficient = memory_efficient
+        _add_variables(self, bn_jax.GroupNorm, num_features)
+
+    def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes each group of channels of each example of ``x``."""
+        return _call(self, bn_jax.GroupNorm, x, True, mask)
+
+
+class InstanceNorm(nnx.InstanceNorm):
+    """Instance Normalization: drop-in for ``flax.nnx.InstanceNorm``, computed by
+    :class:`bn_jax.InstanceNorm`.
+
+    Flax's constructor arguments, order and defaults (except the stable
+    ``use_fast_variance=False``), call arguments, attributes and variables;
+    then, keyword-only, PyTorch's optional running statistics
+    (``track_running_stats``, ``momentum``, ``unbiased_running_var``),
+    ``allow_single_value`` (default True, as Flax), ``count_skipped`` and
+    ``use_running_average`` (used when ``track_running_stats``).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        feature_axes: int | Sequence[int] = -1,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        use_running_average: bool | None = False,
+        track_running_stats: bool = False,
+        momentum: float | None = 0.99,
+        unbiased_running_var: bool = False,
+        allow_single_value: bool = True,
+        count_skipped: bool = False,
+    ) -> None:
+        super().__init__(
+            num_features,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=use_bias,
+            use_scale=use_scale,
+            bias_init=bias_init,
+            scale_init=scale_init,
+            feature_axes=feature_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            rngs=rngs,
+            bias_metadata=bias_metadata,
+            scale_metadata=scale_metadata,
+        )
+        self.use_running_average = use_running_average
+        self.track_running_stats = track_running_stats
+        self.momentum = momentum
+        self.unbiased_running_var = unbiased_running_var
+        self.allow_single_value = allow_single_value
+        self.count_skipped = count_skipped
+        _add_variables(self, bn_jax.InstanceNorm, num_features)
+
+    def __call__(
+        self, x: Any, *, mask: jax.Array | None = None, use_running_average: bool | None = None
+    ) -> jax.Array:
+        """Normalizes each channel of each example of ``x``; with
+        ``track_running_stats``, ``use_running_average`` picks the running statistics."""
+        training = not self.track_running_stats or not _mode(self, use_running_average)
+        return _call(self, bn_jax.InstanceNorm, x, training, mask)
+
+    set_view = _set_view
+
+
+class BatchRenorm(nnx.Module):
+    """Batch Renormalization as a ``flax.nnx`` module, computed by
+    :class:`bn_jax.BatchRenorm` (its options, plus ``num_features``,
+    ``use_running_average``, ``rngs`` and ``<param>_metadata``)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        axis: int | tuple[int, ...] = -1,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_fast_variance: bool = False,
+        unbiased_running_var: bool = False,
+        allow_single_value: bool = True,
+        count_skipped: bool = False,
+        rmax: Schedule = 3.0,
+        dmax: Schedule = 5.0,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    ) -> None:
+        _set_options(self, locals())
+        _add_variables(self, bn_jax.BatchRenorm, num_features, rngs, locals())
+
+    def __call__(
+        self, x: Any, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x`` (renormalized batch statistics, or the running ones when
+        ``use_running_average``)."""
+        use_ra = _mode(self, use_running_average)
+        return _call(self, bn_jax.BatchRenorm, x, not use_ra, mask)
+
+    set_view = _set_view
+
+
+class GhostBatchNorm(nnx.Module):
+    """Ghost Batch Normalization as a ``flax.nnx`` module, computed by
+    :class:`bn_jax.GhostBatchNorm` (its options, plus ``num_features``,
+    ``use_running_average``, ``rngs`` and ``<param>_metadata``)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        axis: int | tuple[int, ...] = -1,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_fast_variance: bool = False,
+        unbiased_running_var: bool = False,
+        allow_single_value: bool = True,
+        count_skipped: bool = False,
+        virtual_batch_size: int,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    ) -> None:
+        _set_options(self, locals())
+        _add_variables(self, bn_jax.GhostBatchNorm, num_features, rngs, locals())
+
+    def __call__(
+        self, x: Any, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x`` with the statistics of each virtual batch, or the running
+        ones when ``use_running_average``."""
+        use_ra = _mode(self, use_running_average)
+        return _call(self, bn_jax.GhostBatchNorm, x, not use_ra, mask)
+
+    set_view = _set_view
+
+
+class SequenceBatchNorm(nnx.Module):
+    """Recurrent Batch Normalization as a ``flax.nnx`` module, computed by
+    :class:`bn_jax.SequenceBatchNorm` (its options, plus ``num_features``,
+    ``use_running_average``, ``rngs`` and ``<param>_metadata``)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        axis: int | tuple[int, ...] = -1,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_fast_variance: bool = False,
+        unbiased_running_var: bool = False,
+        allow_single_value: bool = True,
+        count_skipped: bool = False,
+        max_steps: int,
+        time_axis: int = 1,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    ) -> None:
+        _set_options(self, locals())
+        _add_variables(self, bn_jax.SequenceBatchNorm, num_features, rngs, locals())
+
+    def __call__(
+        self,
+        x: Any,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+        step: int | jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes a whole sequence, or the time step ``step`` of one (see
+        :meth:`bn_jax.SequenceBatchNorm.apply`)."""
+        use_ra = _mode(self, use_running_average)
+        return _call(self, bn_jax.SequenceBatchNorm, x, not use_ra, mask, step=step)
+
+    set_view = _set_view
+
+
+# The Flax layers bn_jax computes: the drop-in and the normalizer of each.
+_DROP_INS: dict[type[nnx.Module], tuple[type[nnx.Module], type]] = {
+    nnx.BatchNorm: (BatchNorm, bn_jax.BatchNorm),
+    nnx.LayerNorm: (LayerNorm, bn_jax.LayerNorm),
+    nnx.RMSNorm: (RMSNorm, bn_jax.RMSNorm),
+    nnx.GroupNorm: (GroupNorm, bn_jax.GroupNorm),
+    nnx.InstanceNorm: (InstanceNorm, bn_jax.InstanceNorm),
+}
+_FAMILY: dict[type[nnx.Module], type] = {
+    BatchRenorm: bn_jax.BatchRenorm,
+    GhostBatchNorm: bn_jax.GhostBatchNorm,
+    SequenceBatchNorm: bn_jax.SequenceBatchNorm,
+}
+# Flax's nnx BatchNorm passes its running statistics through promote_dtype too.
+_PROMOTES_STATS = (nnx.BatchNorm,)
+
+
+def _call(module: Any, cls: Any, x: Any, training: bool, mask: Any, **kwargs: Any) -> jax.Array:
+    """Runs ``module`` with the normalizer ``cls``: the variables in, the new running
+    statistics out.
+
+    Where Flax's layer has ``promote_dtype``, it is called as Flax calls it and
+    its promoted input and parameters are used; the output dtype is Flax's
+    (``dtype``, else the promoted type of ``x`` and the parameters).
+    """
+    # Flax's nnx GroupNorm stores both num_groups and group_size; num_groups decides.
+    changes = {"group_size": None} if cls is bn_jax.GroupNorm else {}
+    norm = _layers.normalizer(cls, module, changes)
+    param_specs, state_specs = _layers.variables(norm, jnp.shape(x))
+    params = {name: getattr(module, name)[...] for name in param_specs}
+    stats = {name: getattr(module, name) for name in state_specs}
+    promote = getattr(module, "promote_dtype", None)
+    if promote is not None:  # Flax's promotion: (x, [mean, var,] scale[, bias])
+        names = ("scale", "bias") if _has_bias(cls) else ("scale",)
+        running = (
+            [stats[n][...] for n in ("mean", "var")] if isinstance(module, _PROMOTES_STATS) else []
+        )
+        x, *promoted = promote((x, *running, *(params.get(n) for n in names)), dtype=module.dtype)
+        params = dict(zip(names, promoted[len(running) :], strict=True))
+        params = {name: value for name, value in params.items() if name in param_specs}
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    dtype = canonicalize_dtype(x, *params.values(), dtype=module.dtype)
+    norm = _layers.normalizer(cls, module, {**changes, "dtype": dtype})
+    state = {name: v[...] for name, v in stats.items()}
+    y, new = norm.apply(params, state, x, training=training, mask=mask, **kwargs)
+    if stats and training:
+        for name, v in stats.items():
+            v[...] = _layers.stored(new[name], v[...])
+    return y
+
+
+@functools.cache
+def _has_bias(cls: type) -> bool:
+    return "use_bias" in dict(_layers.option_defaults(cls))
+
+
+def _mode(module: nnx.Module, use_running_average: bool | None) -> bool:
+    """``use_running_average`` from the call, else the attribute, as Flax merges them."""
+    return first_from(
+        use_running_average,
+        getattr(module, "use_running_average", None),
+        error_msg=(
+            f"{type(module).__name__}: no use_running_average was given. Pass it to the "
+            f"constructor ({type(module).__name__}(..., use_running_average=False)), at call "
+            f"time (layer(x, use_running_average=True)), or switch the model with "
+            f"model.train() / model.eval() or nnx.view(model, use_running_average=...)."
+        ),
+    )
+
+
+def _set_options(module: nnx.Module, arguments: Mapping[str, Any]) -> None:
+    """Stores a family layer's constructor arguments as its attributes (the
+    initializers, ``rngs`` and metadata are used by the constructor only, as in Flax)."""
+    for name, value in arguments.items():
+        if name != "self" and not name.endswith(("_init", "_metadata")) and name != "rngs":
+            setattr(module, name, value)
+
+
+def _add_variables(
+    module: Any,
+    cls: Any,
+    num_features: Any,
+    rngs: Any = None,
+    arguments: Mapping[str, Any] = _NO_METADATA,
+) -> None:
+    """Validates ``module``'s options and creates the variables of the normalizer
+    ``cls`` that ``module`` does not have yet, as Flax would: one ``rngs.params()``
+    key per parameter in creation order, ``nnx.data(None)`` for an unused one.
+
+    Flax's constructor makes those of Flax's layers; this makes the rest (all
+    of a family layer's, ``count`` for ``momentum=None``, InstanceNorm's
+    running statistics).
+    """
+    changes = {"group_size": None} if cls is bn_jax.GroupNorm else {}
+    norm = _layers.normalizer(cls, module, changes)  # raises for invalid options
+    params, state = norm.init(num_features)
+    for name in ("scale", "bias") if _has_bias(cls) else ("scale",):
+        if name in vars(module):
+            continue
+        if name not in params:
+            setattr(module, name, nnx.data(None))
+            continue
+        init = arguments[f"{name}_init"]
+        value = init(rngs.params(), params[name].shape, params[name].dtype)
+        setattr(module, name, nnx.Param(value, **dict(arguments[f"{name}_metadata"])))
+    for name, value in state.items():
+        if name not in vars(module):
+            setattr(module, name, nnx.BatchStat(value))
 
 
 def convert(model: M, **overrides: Any) -> M:
@@ -299,30 +683,28 @@ def convert(model: M, **overrides: Any) -> M:
     Raises:
       TypeError: an override that no norm layer has.
     """
-    _adapter.check_overrides(overrides)
-    flax_classes = {getattr(nnx, name): name for name in _adapter.FLAX_NAMES}
+    normalizers = [cls for _, cls in _DROP_INS.values()]
+    _layers.check_overrides(normalizers, overrides)
+    ours = {drop_in: cls for drop_in, cls in _DROP_INS.values()} | _FAMILY
+    module: Any
     for _, module in list(nnx.iter_modules(model)):
-        name = flax_classes.get(type(module))
-        if name is None:
-            name = next((n for n, c in _DROP_INS.items() if type(module) is c), None)
-            if name is None:
-                continue
+        if type(module) in _DROP_INS:
+            drop_in, cls = _DROP_INS[type(module)]
+            module.__class__ = drop_in
+            for name, value in _layers.FLAX_DEFAULTS.items():
+                if hasattr(module, name):
+                    setattr(module, name, value)
+        elif type(module) in ours:
+            cls = ours[type(module)]
         else:
-            module.__class__ = _DROP_INS[name]
-            for field, default in _adapter.DEFAULTS.items():
-                if hasattr(module, field):
-                    setattr(module, field, default)
-        layer = LAYERS[name]
-        have = [n for n in vars(module)]
-        for f in layer.extras(have):
-            setattr(module, f.name, layer.default(f))
-        if layer.may_keep_state and not hasattr(module, "use_running_average"):
+            continue
+        names = {n for n, _ in _layers.option_defaults(cls)}
+        for name, default in _layers.option_defaults(cls):
+            value = overrides.get(name, _layers.FLAX_DEFAULTS.get(name, default))
+            if name in overrides or not hasattr(module, name):
+                setattr(module, name, value)
+        if "momentum" in names and not hasattr(module, "use_running_average"):
             module.use_running_average = False
-        for field, value in overrides.items():
-            if field in layer.option_names:
-                setattr(module, field, value)
-        _adapter.validate(layer, _options(module, layer))
-        if layer.may_keep_state:  # e.g. count for momentum=None
-            num_features = getattr(module, "num_features", None) or tuple(module.mean.shape)
-            _create_missing(module, layer, num_features)
+        num_features = getattr(module, "num_features", None) or tuple(module.mean.shape)
+        _add_variables(module, cls, num_features)  # e.g. count for momentum=None
     return model

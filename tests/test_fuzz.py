@@ -797,6 +797,10 @@ def _fields_of(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(getattr(bn_jax, name))]
 
 
+# The normalizers of Flax's five layers take complex input, as Flax does.
+TAKES_COMPLEX = {"BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"}
+
+
 @st.composite
 def invalid_calls(draw):
     """``(name, what, expected argument, call)``: ``call()`` must raise."""
@@ -824,18 +828,10 @@ def invalid_calls(draw):
             value = (0, "a")
         return name, f"{field}={value!r}", field, lambda: cls(**{**cfg, field: value})
     if kind == "x":
-        bad = draw(
-            st.sampled_from(
-                [
-                    x.astype(np.int32),
-                    x.astype(np.complex64),
-                    x > 0,
-                    x.tolist(),
-                    "x",
-                    jnp.asarray(x, jnp.uint8),
-                ]
-            )
-        )
+        invalid = [x.astype(np.int32), x > 0, x.tolist(), "x", jnp.asarray(x, jnp.uint8)]
+        if name not in TAKES_COMPLEX:
+            invalid.append(x.astype(np.complex64))
+        bad = draw(st.sampled_from(invalid))
         return name, f"x of type {type(bad).__name__}", "x", apply(x=bad)
     if kind == "training":
         bad = draw(st.one_of(st.integers(), st.text(max_size=2), st.none(), st.just(jnp.array(1))))

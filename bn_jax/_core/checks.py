@@ -17,6 +17,7 @@ import numpy as np
 from jax import lax
 
 AxisName = Hashable | tuple[Hashable, ...]
+Groups = Sequence[Sequence[int]] | None  # canonical form: a tuple of tuples
 
 
 def check_momentum(momentum: float | None) -> None:
@@ -58,7 +59,7 @@ def canonical_axis(axis: int | Sequence[int], name: str = "axis") -> int | tuple
     return tuple(int(a) for a in axes)
 
 
-def canonical_groups(axis_index_groups: Any, axis_name: Any) -> tuple[tuple[int, ...], ...] | None:
+def canonical_groups(axis_index_groups: Any, axis_name: Any) -> Groups:
     """Turns ``axis_index_groups`` into a hashable tuple of tuples."""
     if axis_index_groups is None:
         return None
@@ -85,26 +86,32 @@ def canonical_groups(axis_index_groups: Any, axis_name: Any) -> tuple[tuple[int,
     return groups
 
 
-def check_float_dtype(name: str, dtype: Any, *, allow_none: bool = True) -> None:
-    """Raises unless ``dtype`` is a floating-point dtype (or None when allowed)."""
+def check_float_dtype(
+    name: str, dtype: Any, *, allow_none: bool = True, allow_complex: bool = False
+) -> None:
+    """Raises unless ``dtype`` is a floating-point dtype (or None, or complex, when
+    allowed)."""
     if dtype is None:
         if allow_none:
             return
         ok = False  # jnp.dtype(None) would silently be float64
     else:
         try:
-            ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+            kind = jnp.inexact if allow_complex else jnp.floating
+            ok = jnp.issubdtype(jnp.dtype(dtype), kind)
         except TypeError:
             ok = False
     if not ok:
         raise TypeError(f"{name} must be a floating-point dtype, got {dtype!r}.")
 
 
-def check_input(x: jax.Array, name: str = "x") -> None:
-    """Raises unless ``x`` is a floating-point array (``name`` is used in the message)."""
+def check_input(x: jax.Array, name: str = "x", *, allow_complex: bool = False) -> None:
+    """Raises unless ``x`` is a floating-point (or, when allowed, complex) array;
+    ``name`` is used in the message."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise TypeError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    kind = jnp.inexact if allow_complex else jnp.floating
+    if not jnp.issubdtype(x.dtype, kind):
         raise TypeError(
             f"{name} must be a floating-point array, got dtype {x.dtype}; "
             f"cast it first, e.g. {name}.astype(jnp.float32)."
@@ -130,31 +137,30 @@ def resolve_axes(axis: int | tuple[int, ...], ndim: int, name: str = "axis") -> 
 def check_features(
     x_shape: tuple[int, ...],
     feature_axes: tuple[int, ...],
-    arrays: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
     axis: Any,
     axis_arg: str = "axis",
 ) -> tuple[int, ...]:
-    """Checks that every per-feature array matches the input's feature shape.
+    """Checks that every per-feature array (named, with its shape) matches the
+    input's feature shape, which it returns.
 
     ``axis`` is the user's value of the layer's feature-axis argument, which
     the message names as ``axis_arg`` (``feature_axes`` for LayerNorm, ...).
     """
     feature_shape = tuple(x_shape[a] for a in feature_axes)
-    for name, arr in arrays.items():
-        if arr is None:
-            continue
-        if tuple(arr.shape) != feature_shape:
+    for name, shape in shapes.items():
+        if tuple(shape) != feature_shape:
             hint = ""
             if (
                 len(feature_axes) == 1
                 and len(x_shape) >= 3
                 and feature_axes[0] == len(x_shape) - 1
-                and len(arr.shape) == 1
-                and x_shape[1] == arr.shape[0]
+                and len(shape) == 1
+                and x_shape[1] == shape[0]
             ):
                 hint = f"; channels-first (NCHW) input needs {axis_arg}=1"
             raise ValueError(
-                f"{name} has shape {tuple(arr.shape)} but x of shape {tuple(x_shape)} has "
+                f"{name} has shape {tuple(shape)} but x of shape {tuple(x_shape)} has "
                 f"feature shape {feature_shape} along {axis_arg}={axis!r}{hint}."
             )
     return feature_shape
@@ -180,9 +186,7 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
     return mask
 
 
-def bound_axis_size(
-    axis_name: AxisName | None, groups: tuple[tuple[int, ...], ...] | None, layer: str
-) -> int:
+def bound_axis_size(axis_name: AxisName | None, groups: Groups, layer: str) -> int:
     """Number of devices that share statistics; raises if ``axis_name`` is unbound."""
     if axis_name is None:
         return 1

@@ -49,7 +49,6 @@ Only reverse mode is defined (``jax.vjp``, ``jax.grad``); forward mode
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -60,7 +59,7 @@ from jax import lax
 
 from bn_jax._core.checks import stat_dtype
 from bn_jax._core.normalize import StatsConfig, affine
-from bn_jax._core.stats import group_sum, moments, normalizing_var
+from bn_jax._core.stats import group_sum, mean_square, moments, normalizing_var
 
 
 def layer_norm_saving_output(
@@ -111,39 +110,6 @@ def rms_norm_saving_output(
     return _rms_norm(x, scale, mask, cfg, jnp.dtype(x.dtype))
 
 
-def rms_statistics(
-    x: jax.Array,
-    mask: jax.Array | None,
-    *,
-    axes: tuple[int, ...],
-    epsilon: float,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-) -> tuple[jax.Array, jax.Array]:
-    """``(rsqrt(mean(x**2) + epsilon), n)`` over ``axes``, keepdims-shaped, in at
-    least float32.
-
-    With ``mask`` only True elements enter the mean and ``n`` counts them; with
-    ``axis_name`` the sum of squares and the count are summed over the devices
-    in one collective.
-    """
-    dt = stat_dtype(x.dtype)
-    xf = x.astype(dt)
-    sq = xf * xf
-    if mask is None:
-        ss = jnp.sum(sq, axes, keepdims=True)
-        n = jnp.full(ss.shape, math.prod(x.shape[a] for a in axes), dt)
-    else:
-        mask = jnp.broadcast_to(mask, x.shape)
-        ss = jnp.sum(jnp.where(mask, sq, 0), axes, keepdims=True)
-        n = jnp.sum(mask, axes, keepdims=True, dtype=dt)
-    if axis_name is not None:
-        ss, n = group_sum(jnp.stack([ss, n]), axis_name, axis_index_groups)
-    # A group with no valid element is passed through (mean square 1), as in RMSNorm.
-    ms = ss / n if mask is None else jnp.where(n > 0, ss / jnp.maximum(n, 1), 1.0)
-    return lax.rsqrt(ms + epsilon), n
-
-
 def scale_floor(dtype: Any) -> float:
     """The least ``|scale|`` the reconstruction divides by: the ``eps`` of ``y``'s dtype.
 
@@ -169,7 +135,7 @@ def _layer_norm_forward(x, scale, bias, mask, cfg, in_dtype):
     )
     var = normalizing_var(m, mask)
     inv = lax.rsqrt(var + cfg.epsilon)
-    y = _kept(lambda: affine(x, m.mean, inv, scale, bias, cfg.out_dtype), inv)
+    y = _kept(lambda: affine(x, m.mean, inv, scale, bias, cfg.out_dtype), inv, x.shape, cfg)
     return y, (y, inv, m.count, scale, bias, mask)
 
 
@@ -198,20 +164,16 @@ def _rms_norm(x, scale, mask, cfg, in_dtype):
 
 
 def _rms_norm_forward(x, scale, mask, cfg, in_dtype):
-    inv, count = rms_statistics(
-        x,
-        mask,
-        axes=cfg.axes,
-        epsilon=cfg.epsilon,
-        axis_name=cfg.axis_name,
-        axis_index_groups=cfg.axis_index_groups,
+    ms, count = mean_square(
+        x, cfg.axes, mask, axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups
     )
+    inv = lax.rsqrt(ms + cfg.epsilon)
 
     def output():
         y = x.astype(inv.dtype) * inv
         return (y if scale is None else y * scale.astype(inv.dtype)).astype(cfg.out_dtype)
 
-    y = _kept(output, inv)
+    y = _kept(output, inv, x.shape, cfg)
     return y, (y, inv, count, scale, mask)
 
 
@@ -231,7 +193,9 @@ def _rms_norm_backward(cfg, in_dtype, residuals, g):
 _rms_norm.defvjp(_rms_norm_forward, _rms_norm_backward)
 
 
-def _kept(output: Callable[[], jax.Array], inv: jax.Array) -> jax.Array:
+def _kept(
+    output: Callable[[], jax.Array], inv: jax.Array, shape: tuple[int, ...], cfg: StatsConfig
+) -> jax.Array:
     """``output()``, produced behind a boundary that XLA does not fuse across.
 
     Without one, XLA duplicates the elementwise producer of ``y`` into the
@@ -245,8 +209,7 @@ def _kept(output: Callable[[], jax.Array], inv: jax.Array) -> jax.Array:
 
     def on_cpu():
         keep = jnp.logical_not(inv.reshape(-1)[0] < 0)
-        shape = jax.eval_shape(output)
-        return lax.cond(keep, output, lambda: jnp.full(shape.shape, jnp.nan, shape.dtype))
+        return lax.cond(keep, output, lambda: jnp.full(shape, jnp.nan, cfg.out_dtype))
 
     return lax.platform_dependent(cpu=on_cpu, default=lambda: lax.optimization_barrier(output()))
 
@@ -280,4 +243,4 @@ def _sum_to(v: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def _cast_like(v: jax.Array | None, like: jax.Array | None) -> jax.Array | None:
-    return None if v is None else v.astype(like.dtype)
+    return None if v is None or like is None else v.astype(like.dtype)

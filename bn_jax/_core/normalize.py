@@ -20,6 +20,10 @@ all-reduce of those ``2C`` numbers across devices, and one elementwise pass for
 ``x`` and the per-channel ``mean`` / ``rsqrt(var + eps)`` instead of
 ``x_hat``. Forward mode (``jvp``, ``jacfwd``, ``hessian``) works as well, and
 second-order reverse mode differentiates the transposed map as ordinary JAX.
+
+Complex input (mean complex, variance ``E[|x - mean|^2]``, as in Flax) takes
+the same forward pass and is differentiated by JAX instead: the tangent map
+is written for real input.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bn_jax._core.checks import AxisName, stat_dtype
+from bn_jax._core.checks import AxisName, Groups
 from bn_jax._core.stats import group_sum, moments, normalizing_var, private_copies
 
 
@@ -43,7 +47,7 @@ class StatsConfig(NamedTuple):
     epsilon: float
     out_dtype: jnp.dtype
     axis_name: AxisName | None = None
-    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    axis_index_groups: Groups = None
     fast_variance: bool = False
 
 
@@ -60,18 +64,18 @@ def affine(
     ``inv * scale`` is folded per channel before touching ``x``. The mean is
     subtracted first rather than folded into the bias: the same single pass,
     but exact when ``|mean| >> std`` where ``x * a + (bias - mean * a)`` would
-    round away the signal.
+    round away the signal. Computed in ``mean``'s dtype (float32 or wider;
+    complex for complex input).
     """
-    dt = stat_dtype(mean.dtype)
-    a = inv if scale is None else inv * scale.astype(dt)
+    dt = mean.dtype
+    a = inv.astype(dt) if scale is None else inv.astype(dt) * scale.astype(dt)
     y = (x.astype(dt) - mean) * a
     if bias is not None:
         y = y + bias.astype(dt)
     return y.astype(out_dtype)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(4,))
-def batch_normalize(
+def _batch_normalize(
     x: jax.Array,
     scale: jax.Array | None,
     bias: jax.Array | None,
@@ -89,18 +93,23 @@ def batch_normalize(
         x,
         cfg.axes,
         mask,
+        fast_variance=cfg.fast_variance,
         axis_name=cfg.axis_name,
         axis_index_groups=cfg.axis_index_groups,
-        fast_variance=cfg.fast_variance,
     )
     var = normalizing_var(m, mask)
     y = affine(x, m.mean, lax.rsqrt(var + cfg.epsilon), scale, bias, cfg.out_dtype)
     return y, m.mean, var, m.count
 
 
+batch_normalize = jax.custom_jvp(_batch_normalize, nondiff_argnums=(4,))
+
+
 @batch_normalize.defjvp
 def _batch_normalize_jvp(cfg, primals, tangents):
     x, scale, bias, mask = primals
+    if jnp.iscomplexobj(x):
+        return jax.jvp(lambda *p: _batch_normalize(*p, cfg), primals, tangents)
     dx, dscale, dbias, _ = tangents
     y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
     inv = lax.rsqrt(var + cfg.epsilon)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bn_jax._core.checks import stat_dtype
+
 
 def update_running(
     state: dict[str, jax.Array],
@@ -31,18 +33,23 @@ def update_running(
 ) -> dict[str, jax.Array]:
     """Returns ``state`` with ``mean`` / ``var`` (and ``count``, ``skipped``) updated.
 
-    ``mean``, ``var`` (biased) and ``count`` are the batch statistics with the
-    shape of ``state["mean"]``. With ``unbiased=True`` the running variance
-    tracks ``var * n / (n - 1)`` (PyTorch's convention).
+    ``mean``, ``var`` (biased) and ``count`` are the batch statistics, of any
+    shape with the size of ``state["mean"]`` (keepdims-shaped statistics are
+    reshaped). With ``unbiased=True`` the running variance tracks
+    ``var * n / (n - 1)`` (PyTorch's convention). A complex batch mean makes
+    the running mean complex, as in Flax.
     """
-    mean, var, count = (lax.stop_gradient(v) for v in (mean, var, count))
+    old_mean, old_var = state["mean"], state["var"]
+    shape, dt = old_var.shape, old_var.dtype
+    mean, var, count = (lax.stop_gradient(v).reshape(shape) for v in (mean, var, count))
     if unbiased:
         var = var * count / jnp.maximum(count - 1, 1)
     finite = jnp.isfinite(mean) & jnp.isfinite(var)
     ok = finite & (count > 0)
-    old_mean, old_var = state["mean"], state["var"]
-    dt = old_mean.dtype
-    mean, var = mean.astype(dt), var.astype(dt)
+    mean_dt = old_mean.dtype
+    if jnp.iscomplexobj(mean):
+        mean_dt = stat_dtype(old_mean.dtype, mean.dtype)
+    mean, var, old_mean = mean.astype(mean_dt), var.astype(dt), old_mean.astype(mean_dt)
     new = dict(state)
     if momentum is None:
         k = state["count"]
@@ -51,7 +58,9 @@ def update_running(
         new["count"] = jnp.where(ok, k + 1, k).astype(k.dtype)
     else:
         keep, w = jnp.asarray(momentum, dt), jnp.asarray(1.0 - momentum, dt)
-    new["mean"] = jnp.where(ok, keep * old_mean + w * mean, old_mean)
+    new["mean"] = jnp.where(
+        ok, keep.astype(mean_dt) * old_mean + w.astype(mean_dt) * mean, old_mean
+    )
     new["var"] = jnp.where(ok, keep * old_var + w * var, old_var)
     if "skipped" in state:
         skipped = state["skipped"]

@@ -36,13 +36,13 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from bn_jax._core.checks import AxisName, stat_dtype
+from bn_jax._core.checks import AxisName, Groups, stat_dtype
 
 
 class Moments(NamedTuple):
     """Per-channel statistics, keepdims-shaped, in the statistics dtype."""
 
-    count: jax.Array  # number of valid elements that entered the statistics
+    count: jax.Array  # type: ignore[assignment]  # valid elements in the statistics
     mean: jax.Array
     m2: jax.Array  # sum of squared deviations from the mean
 
@@ -53,47 +53,96 @@ class Moments(NamedTuple):
 
 
 def normalizing_var(m: Moments, mask: jax.Array | None) -> jax.Array:
-    """The variance to normalize with: ``m.var``, and 1 for a group with no valid
+    """The variance to normalize with: ``M2 / n``, and 1 for a group with no valid
     element (mean 0 there), which then passes through rather than being
     amplified by ``1 / sqrt(epsilon)``. Without a mask every group of a
     non-empty input has elements, so no test enters the program."""
-    return m.var if mask is None else jnp.where(m.count > 0, m.var, 1.0)
+    var = m.m2 / jnp.maximum(m.count, 1)
+    return var if mask is None else jnp.where(m.count > 0, var, 1.0)
 
 
-def local_moments(
+def moments(
     x: jax.Array,
     axes: tuple[int, ...],
     mask: jax.Array | None = None,
     *,
     fast_variance: bool = False,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Groups = None,
 ) -> Moments:
-    """Count, mean and M2 of ``x`` over ``axes`` on this device only."""
+    """Count, mean and M2 of ``x`` over ``axes``, of the whole batch across the devices
+    of ``axis_name`` (this device's alone when it is None).
+
+    Complex ``x`` has a complex mean and a real ``M2 = sum(|x - mean|**2)``
+    (Flax's convention); the count and ``M2`` are always real.
+    """
     dt = stat_dtype(x.dtype)
+    real = jnp.finfo(dt).dtype  # of the count and M2: float32 for complex64 too
+    sq = _abs_sq if jnp.iscomplexobj(x) else jnp.square
     xf = x.astype(dt)
     if mask is None:
         n = math.prod(x.shape[a] for a in axes)
-        count = jnp.full(_kept_shape(x.shape, axes), n, dt)
+        count = jnp.full(tuple(1 if i in axes else s for i, s in enumerate(x.shape)), n, real)
         if fast_variance:
             s1 = jnp.sum(xf, axes, keepdims=True)
-            s2 = jnp.sum(xf * xf, axes, keepdims=True)
+            s2 = jnp.sum(sq(xf), axes, keepdims=True)
             mean = s1 / n
-            return Moments(count, mean, jnp.maximum(s2 - s1 * mean, 0.0))
-        # Shift by the first element along the reduced axes (exact: the moments
-        # do not depend on it): one pass whose sums stay small when |mean| >> std.
-        shift = lax.stop_gradient(_first_along(x, axes)).astype(dt)
-        x1, x2, k1, k2 = private_copies((x, x, shift, shift))
-        s1 = jnp.sum(x1.astype(dt) - k1, axes, keepdims=True)
-        s2 = jnp.sum(jnp.square(x2.astype(dt) - k2), axes, keepdims=True)
-        return Moments(count, shift + s1 / n, jnp.maximum(s2 - s1 * s1 / n, 0.0))
-    mask = jnp.broadcast_to(mask, x.shape)
-    count = jnp.sum(mask, axes, keepdims=True, dtype=dt)
-    safe = jnp.maximum(count, 1)
-    xm = jnp.where(mask, xf, 0)
-    mean = jnp.sum(xm, axes, keepdims=True) / safe
-    if fast_variance:
-        m2 = jnp.sum(xm * xm, axes, keepdims=True) - count * mean * mean
-        return Moments(count, mean, jnp.maximum(m2, 0.0))
-    return Moments(count, mean, _centered_squares(x, mean, axes, mask))
+            m = Moments(count, mean, jnp.maximum(s2 - jnp.real(s1 * jnp.conj(mean)), 0.0))
+        else:
+            # Shift by the first element along the reduced axes (exact: the moments
+            # do not depend on it): one pass whose sums stay small when |mean| >> std.
+            first = lax.slice(x, (0,) * x.ndim, count.shape)
+            shift = lax.stop_gradient(first).astype(dt)
+            x1, x2, k1, k2 = private_copies((x, x, shift, shift))
+            s1 = jnp.sum(x1.astype(dt) - k1, axes, keepdims=True)
+            s2 = jnp.sum(sq(x2.astype(dt) - k2), axes, keepdims=True)
+            m = Moments(count, shift + s1 / n, jnp.maximum(s2 - sq(s1) / n, 0.0))
+    else:
+        mask = jnp.broadcast_to(mask, x.shape)
+        count = jnp.sum(mask, axes, keepdims=True, dtype=real)
+        xm = jnp.where(mask, xf, 0)
+        mean = jnp.sum(xm, axes, keepdims=True) / jnp.maximum(count, 1).astype(dt)
+        if fast_variance:
+            m2 = jnp.sum(sq(xm), axes, keepdims=True)
+            m2 = m2 - jnp.real(count.astype(dt) * mean * jnp.conj(mean))
+            m = Moments(count, mean, jnp.maximum(m2, 0.0))
+        else:
+            m = Moments(count, mean, _centered_squares(x, mean, axes, mask))
+    if axis_name is not None:
+        m = merge_across(m, axis_name, axis_index_groups)
+    return m
+
+
+def mean_square(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None = None,
+    *,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Groups = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(mean(|x|**2), n)`` over ``axes`` (valid elements only under ``mask``),
+    keepdims-shaped, in at least float32: the statistic of RMSNorm.
+
+    With ``axis_name`` the sum of squares and the count are summed over the
+    devices in one collective. A group with no valid element gets mean square
+    1, so that it is passed through rather than amplified.
+    """
+    xf = x.astype(stat_dtype(x.dtype))
+    dt = jnp.finfo(xf.dtype).dtype  # real: float32 for complex64 too
+    sq = _abs_sq(xf) if jnp.iscomplexobj(x) else jnp.square(xf)
+    if mask is None:
+        ss = jnp.sum(sq, axes, keepdims=True)
+        n = jnp.full(ss.shape, math.prod(x.shape[a] for a in axes), dt)
+    else:
+        mask = jnp.broadcast_to(mask, x.shape)
+        ss = jnp.sum(jnp.where(mask, sq, 0), axes, keepdims=True)
+        n = jnp.sum(mask, axes, keepdims=True, dtype=dt)
+    if axis_name is not None:
+        ss, n = group_sum(jnp.stack([ss, n]), axis_name, axis_index_groups)
+    if mask is None:
+        return ss / n, n
+    return jnp.where(n > 0, ss / jnp.maximum(n, 1), 1.0), n
 
 
 def private_copies(v: Any) -> Any:
@@ -142,54 +191,46 @@ batching.primitive_batchers[_private_copy_p] = lambda args, dims: (
 def _centered_squares(
     x: jax.Array, mean: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None
 ) -> jax.Array:
-    """``sum((x - mean)**2)`` over ``axes`` (valid elements only under ``mask``),
+    """``sum(|x - mean|**2)`` over ``axes`` (valid elements only under ``mask``),
     reading ``x`` in one fused pass (private copies of ``x`` and ``mean``: the
     normalization computes the same ``x - mean``)."""
     x, mean = private_copies(x), private_copies(mean)
     d = x.astype(mean.dtype) - mean
     if mask is not None:
         d = jnp.where(mask, d, 0)
-    return jnp.sum(d * d, axes, keepdims=True)
+    return jnp.sum(_abs_sq(d), axes, keepdims=True)
+
+
+def _abs_sq(v: jax.Array) -> jax.Array:
+    """``|v|**2``, real."""
+    if jnp.iscomplexobj(v):
+        return jnp.square(jnp.real(v)) + jnp.square(jnp.imag(v))
+    return jnp.square(v)
 
 
 def merge_across(
     m: Moments,
     axis_name: AxisName,
-    axis_index_groups: tuple[tuple[int, ...], ...] | None = None,
+    axis_index_groups: Groups = None,
 ) -> Moments:
     """Pools per-device moments over ``axis_name`` with a single all_gather."""
-    packed = jnp.stack([m.count, m.mean, m.m2])
+    dt = m.mean.dtype  # complex input gathers its real count and M2 as complex numbers
+    packed = jnp.stack([m.count.astype(dt), m.mean, m.m2.astype(dt)])
     g = _all_gather(packed, axis_name, axis_index_groups)
     g = g.reshape((-1, *packed.shape))  # a tuple axis_name gathers several dims
-    n_i, mean_i, m2_i = g[:, 0], g[:, 1], g[:, 2]
+    n_i, mean_i, m2_i = jnp.real(g[:, 0]), g[:, 1], jnp.real(g[:, 2])
     n = jnp.sum(n_i, 0)
     safe = jnp.maximum(n, 1)
     ref = mean_i[:1]  # shift the weighted average for accuracy at large |mean|
-    mean = ref[0] + jnp.sum(n_i * (mean_i - ref), 0) / safe
-    m2 = jnp.sum(m2_i, 0) + jnp.sum(n_i * jnp.square(mean_i - mean[None]), 0)
+    mean = ref[0] + jnp.sum(n_i.astype(dt) * (mean_i - ref), 0) / safe.astype(dt)
+    m2 = jnp.sum(m2_i, 0) + jnp.sum(n_i * _abs_sq(mean_i - mean[None]), 0)
     return Moments(n, mean, m2)
-
-
-def moments(
-    x: jax.Array,
-    axes: tuple[int, ...],
-    mask: jax.Array | None = None,
-    *,
-    axis_name: AxisName | None = None,
-    axis_index_groups: tuple[tuple[int, ...], ...] | None = None,
-    fast_variance: bool = False,
-) -> Moments:
-    """Statistics of the whole (possibly multi-device) batch over ``axes``."""
-    m = local_moments(x, axes, mask, fast_variance=fast_variance)
-    if axis_name is not None:
-        m = merge_across(m, axis_name, axis_index_groups)
-    return m
 
 
 def group_sum(
     v: jax.Array,
     axis_name: AxisName | None,
-    axis_index_groups: tuple[tuple[int, ...], ...] | None = None,
+    axis_index_groups: Groups = None,
 ) -> jax.Array:
     """``psum`` that also works with ``axis_index_groups`` under ``shard_map``."""
     if axis_name is None:
@@ -203,7 +244,7 @@ def group_sum(
 def _all_gather(
     v: jax.Array,
     axis_name: AxisName,
-    axis_index_groups: tuple[tuple[int, ...], ...] | None,
+    axis_index_groups: Groups,
 ) -> jax.Array:
     # Without groups the gathered value is the same on every device: say so,
     # so that shard_map can return running statistics replicated (P()).
@@ -217,15 +258,6 @@ def _all_gather(
             v = lax.all_gather(v, name)
         return v
     return lax.all_gather(v, axis_name, axis_index_groups=axis_index_groups)
-
-
-def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(1 if i in axes else s for i, s in enumerate(shape))
-
-
-def _first_along(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    starts = (0,) * x.ndim
-    return lax.slice(x, starts, _kept_shape(x.shape, axes))
 
 
 def _all_manual(axis_name: AxisName) -> bool:

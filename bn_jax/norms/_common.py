@@ -1,18 +1,28 @@
-"""Helpers the normalizers call by name: config checks, ``init`` pieces, call checks.
+"""Helpers the normalizers call by name; each takes explicit values.
 
-Each normalizer's ``apply`` reads top to bottom with these: validate the call
-(:func:`check_training`, :func:`check_x`, :func:`checked_affine`), take the
-statistics with the core (:func:`bn_jax._core.normalize.batch_normalize` over
-:func:`stats_config`), and update the running statistics
-(:func:`update_state`). Helpers that take the normalizer itself read only
-fields its docstring names, which every caller declares.
+Each normalizer's ``apply`` reads top to bottom:
+
+1. :func:`check_call`: the checks every call needs (``training`` a bool, ``x``
+   an array, ``params`` and ``state`` dicts, the mask a boolean array) and the
+   call's :class:`Signature`, its static shapes.
+2. The normalizer's own ``_layout(norm, signature)``, cached per
+   configuration and signature (``functools.lru_cache``): the axes, the
+   core's :class:`StatsConfig` and every shape check, with its message. It
+   runs once per configuration and input shape, not on every call.
+3. The core: ``batch_normalize`` (or a statistic of ``bn_jax._core.stats``)
+   and ``update_running``.
+
+:class:`BatchFields` declares the fields BatchNorm and its variants share
+(fields only: no normalizer subclasses another).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +30,15 @@ import numpy as np
 from jax import lax
 
 from bn_jax._core import checks
+from bn_jax._core.checks import Groups
 from bn_jax._core.normalize import StatsConfig, affine
-from bn_jax._core.running import update_running
 from bn_jax._core.stats import group_sum
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
 Mask = jax.Array | None
+Shapes = tuple[tuple[str, tuple[int, ...]], ...]
 
 
 # ------------------------------------------------------------------- configuration
@@ -39,35 +50,50 @@ def freeze(norm: Any, **values: Any) -> None:
         object.__setattr__(norm, name, value)
 
 
-def check_common_fields(norm: Any) -> None:
-    """Validates the fields every normalizer declares.
+class CommonFields(Protocol):
+    """The fields every normalizer has."""
 
-    Those are ``epsilon``, ``dtype``, ``param_dtype``, ``axis_name`` and
-    ``axis_index_groups`` (stored as a hashable tuple of tuples).
-    """
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def dtype(self) -> Any: ...
+    @property
+    def param_dtype(self) -> Any: ...
+    @property
+    def axis_name(self) -> Hashable | None: ...
+    @property
+    def axis_index_groups(self) -> Groups: ...
+
+
+class StatsFields(CommonFields, Protocol):
+    """The fields of a normalizer whose statistics are ``bn_jax._core`` moments."""
+
+    @property
+    def use_fast_variance(self) -> bool: ...
+
+
+class AffineFields(Protocol):
+    """The fields of a normalizer with a learned ``scale`` and ``bias``."""
+
+    @property
+    def param_dtype(self) -> Any: ...
+    @property
+    def use_scale(self) -> bool: ...
+    @property
+    def use_bias(self) -> bool: ...
+    @property
+    def scale_init(self) -> Initializer: ...
+    @property
+    def bias_init(self) -> Initializer: ...
+
+
+def check_common(norm: CommonFields) -> None:
+    """Validates the fields every normalizer has (in its ``__post_init__``) and
+    stores ``axis_index_groups`` as a hashable tuple of tuples."""
     checks.check_epsilon(norm.epsilon)
-    groups = checks.canonical_groups(norm.axis_index_groups, norm.axis_name)
-    freeze(norm, axis_index_groups=groups)
-    checks.check_float_dtype("dtype", norm.dtype)
+    checks.check_float_dtype("dtype", norm.dtype, allow_complex=True)
     checks.check_float_dtype("param_dtype", norm.param_dtype, allow_none=False)
-
-
-def check_batch_fields(norm: Any) -> None:
-    """Validates a BatchNorm-like ``norm``: ``momentum``, ``axis`` and the common fields."""
-    checks.check_momentum(norm.momentum)
-    freeze(norm, axis=checks.canonical_axis(norm.axis, "axis"))
-    check_common_fields(norm)
-
-
-def check_example_fields(norm: Any) -> None:
-    """Validates a LayerNorm-like ``norm``: ``reduction_axes``, ``feature_axes`` and the
-    common fields."""
-    freeze(
-        norm,
-        reduction_axes=checks.canonical_axis(norm.reduction_axes, "reduction_axes"),
-        feature_axes=checks.canonical_axis(norm.feature_axes, "feature_axes"),
-    )
-    check_common_fields(norm)
+    freeze(norm, axis_index_groups=checks.canonical_groups(norm.axis_index_groups, norm.axis_name))
 
 
 def check_int(name: str, value: Any, *, positive: bool = False) -> int:
@@ -78,6 +104,36 @@ def check_int(name: str, value: Any, *, positive: bool = False) -> int:
     if positive and value <= 0:
         raise ValueError(f"{name} must be {what}, got {value!r}.")
     return int(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchFields:
+    """The configuration fields of BatchNorm and its variants (documented on
+    :class:`bn_jax.BatchNorm`)."""
+
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    axis: int | tuple[int, ...] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = jax.nn.initializers.ones
+    bias_init: Initializer = jax.nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_fast_variance: bool = False
+    unbiased_running_var: bool = False
+    allow_single_value: bool = False
+    count_skipped: bool = False
+
+
+def check_batch_fields(norm: BatchFields) -> None:
+    """Validates and canonicalizes the :class:`BatchFields` of ``norm`` (in its
+    ``__post_init__``)."""
+    checks.check_momentum(norm.momentum)
+    check_common(norm)
+    freeze(norm, axis=checks.canonical_axis(norm.axis, "axis"))
 
 
 # ------------------------------------------------------------------------- init
@@ -116,162 +172,153 @@ def feature_shape(
     return sizes
 
 
-def init_params(norm: Any, shape: tuple[int, ...], key: jax.Array | None) -> Params:
-    """``{"scale": ..., "bias": ...}`` of ``shape``, with the keys that are in use.
+def init_affine(norm: AffineFields, shape: tuple[int, ...], key: jax.Array | None) -> Params:
+    """``{"scale", "bias"}`` of ``shape``, those in use (``use_scale``, ``use_bias``)."""
+    return init_params(
+        shape,
+        key,
+        norm.param_dtype,
+        scale=norm.scale_init if norm.use_scale else None,
+        bias=norm.bias_init if norm.use_bias else None,
+    )
 
-    Reads ``norm.use_scale``, ``scale_init``, ``param_dtype`` and, where the
-    normalizer has a bias, ``use_bias`` and ``bias_init``.
-    """
-    inits = {"scale": norm.scale_init if norm.use_scale else None}
-    if has_bias(norm):
-        inits["bias"] = norm.bias_init if norm.use_bias else None
-    keys = jax.random.split(jax.random.key(0) if key is None else key)
+
+def init_params(
+    shape: tuple[int, ...], key: jax.Array | None, param_dtype: Any, **inits: Initializer | None
+) -> Params:
+    """One parameter of ``shape`` per initializer in ``inits`` (an unused parameter
+    has None and is left out), in ``param_dtype``, in the order given."""
+    keys = jax.random.split(jax.random.key(0) if key is None else key, max(2, len(inits)))
     return {
-        name: jnp.asarray(init(k, shape, norm.param_dtype), norm.param_dtype)
+        name: jnp.asarray(init(k, shape, param_dtype), param_dtype)
         for (name, init), k in zip(inits.items(), keys, strict=False)
         if init is not None
     }
 
 
-def has_bias(norm: Any) -> bool:
-    """Whether the normalizer class of ``norm`` declares a bias (RMSNorm has none)."""
-    return "use_bias" in type(norm).__dataclass_fields__
-
-
-def running_keys(norm: Any) -> tuple[str, ...]:
-    """The keys of ``norm``'s running statistics: ``mean``, ``var``, a ``count`` with
+def running_keys(momentum: float | None, count_skipped: bool) -> tuple[str, ...]:
+    """The keys of running statistics: ``mean``, ``var``, a ``count`` with
     ``momentum=None`` and a ``skipped`` counter with ``count_skipped=True``."""
-    keys = ("mean", "var") if norm.momentum is not None else ("mean", "var", "count")
-    return (*keys, "skipped") if norm.count_skipped else keys
+    keys = ("mean", "var") if momentum is not None else ("mean", "var", "count")
+    return (*keys, "skipped") if count_skipped else keys
 
 
-def init_running(norm: Any, shape: tuple[int, ...]) -> State:
-    """Running ``mean`` 0 and ``var`` 1 (in ``norm.param_dtype`` if wider than
-    float32), and int32 zeros for the ``count`` and ``skipped`` counters in use."""
-    dt = checks.stat_dtype(norm.param_dtype)
+def init_running(
+    shape: tuple[int, ...], param_dtype: Any, momentum: float | None, count_skipped: bool
+) -> State:
+    """Running ``mean`` 0 and ``var`` 1 (in ``param_dtype`` if wider than float32),
+    and int32 zeros for the ``count`` and ``skipped`` counters in use."""
+    dt = checks.stat_dtype(param_dtype)
     start = {"mean": jnp.zeros(shape, dt), "var": jnp.ones(shape, dt)}
-    return {k: start.get(k, jnp.zeros(shape, jnp.int32)) for k in running_keys(norm)}
+    keys = running_keys(momentum, count_skipped)
+    return {k: start.get(k, jnp.zeros(shape, jnp.int32)) for k in keys}
 
 
-# ------------------------------------------------------------------ call checks
+# ------------------------------------------------------------------ every call
 
 
-def check_training(training: Any, layer: str) -> bool:
-    """``training`` as a bool; a TypeError unless it is a Python (or NumPy) bool."""
+class Signature(NamedTuple):
+    """The static facts of one call that its checks and layout depend on."""
+
+    shape: tuple[int, ...]  # x's
+    dtype: Any  # x's
+    params: Shapes  # (name, shape) of each parameter
+    state: Shapes | None  # (name, shape) of each state entry; None if it is not a dict
+    training: bool
+    devices: int  # devices that share the statistics over axis_name (1 without)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def check_call(
+    layer: str,
+    params: Any,
+    state: Any,
+    x: Any,
+    mask: Any,
+    training: Any,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    *,
+    sync_in_eval: bool = True,
+) -> tuple[jax.Array, Mask, Signature]:
+    """The checks of every call; returns ``(x, mask, signature)``.
+
+    ``training`` must be a Python bool, ``x`` a floating-point (or complex)
+    array, ``params`` a dict and ``mask`` broadcastable to ``x`` (returned as a
+    boolean array). ``axis_name`` must be bound where the call synchronizes:
+    in training, and in evaluation too unless ``sync_in_eval`` is False (a
+    normalizer that evaluates with running statistics).
+    """
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(
             f"{layer}.apply: training must be a Python bool (it picks the code path when "
             f"tracing), got {type(training).__name__}; to switch at run time use "
             f"jax.lax.cond over two apply calls."
         )
-    return bool(training)
+    checks.check_input(x, allow_complex=True)
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{layer}: params must be a dict, got {type(params).__name__}.")
+    x = jnp.asarray(x)
+    if mask is not None:
+        mask = checks.check_mask(mask, x.shape)
+    devices = 1
+    if axis_name is not None and (training or sync_in_eval):
+        devices = checks.bound_axis_size(axis_name, axis_index_groups, layer)
+    shapes = None
+    if isinstance(state, Mapping):
+        shapes = tuple((k, tuple(jnp.shape(v))) for k, v in state.items())
+    sig = Signature(
+        x.shape,
+        x.dtype,
+        tuple((k, tuple(jnp.shape(v))) for k, v in params.items()),
+        shapes,
+        bool(training),
+        devices,
+    )
+    return x, mask, sig
 
 
-def check_x(x: Any) -> jax.Array:
-    """``x`` as a JAX array, after ``checks.check_input``."""
-    checks.check_input(x)
-    return jnp.asarray(x)
-
-
-def check_state_keys(state: Any, need: Any, layer: str) -> None:
-    """Raises unless ``state`` is a dict with every key in ``need``."""
-    have = set(state) if isinstance(state, Mapping) else set()
-    if not set(need) <= have:
+def check_state_keys(layer: str, state: Shapes | None, need: Sequence[str]) -> None:
+    """Raises unless ``state`` (a call's state shapes, None if not a dict) has every key
+    in ``need``."""
+    have = {k for k, _ in state or ()}
+    if state is None or not set(need) <= have:
+        got = "is not a dict" if state is None else f"has keys {sorted(have)}"
         raise ValueError(
-            f"{layer}: state has keys {sorted(have)} but needs {sorted(need)}; "
-            f"build it with {layer}.init (momentum=None adds 'count', count_skipped=True "
-            f"adds 'skipped')."
+            f"{layer}: state {got} but needs {sorted(need)}; build it with {layer}.init "
+            f"(momentum=None adds 'count', count_skipped=True adds 'skipped')."
         )
 
 
-class Affine(NamedTuple):
-    """``scale`` and ``bias`` broadcastable against ``x`` (None where unused), and the
-    feature shape."""
-
-    scale: jax.Array | None
-    bias: jax.Array | None
-    shape: tuple[int, ...]
-
-
-def checked_affine(
-    norm: Any,
-    params: Any,
-    x: jax.Array,
+def check_features(
+    layer: str,
+    sig: Signature,
     feature_axes: tuple[int, ...],
+    params: Sequence[str],
+    state: Sequence[str] = (),
+    *,
     axis_arg: str,
-    running: State | None = None,
-) -> Affine:
-    """``norm``'s scale and bias from ``params``, checked against ``x`` (and ``running``).
+    axis: Any,
+) -> tuple[int, ...]:
+    """The feature shape of ``x`` along ``feature_axes``; raises unless each of the
+    ``params`` (which must be present) and ``state`` entries has that shape.
 
-    ``axis_arg`` names the field of ``norm`` that gives the feature axes
-    (``axis``, ``feature_axes``, ...), for the error message; ``running``
-    holds running ``mean`` / ``var`` whose shapes must match too.
+    ``axis`` is the user's value of the layer's feature-axis field, which the
+    message names as ``axis_arg``.
     """
-    layer = type(norm).__name__
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{layer}: params must be a dict, got {type(params).__name__}.")
-    used = {"scale": norm.use_scale, "bias": has_bias(norm) and norm.use_bias}
-    arrays = {}
-    for name, use in used.items():
-        if use and name not in params:
+    have = dict(sig.params)
+    for name in params:
+        if name not in have:
             raise ValueError(
-                f"{layer}: params has no {name!r} (keys: {sorted(params)}) but "
-                f"use_{name}=True; build params with {layer}.init or set use_{name}=False."
+                f"{layer}: params has no {name!r} (keys: {sorted(have)}) but this "
+                f"configuration uses it; build params with {layer}.init."
             )
-        arrays[f"params[{name!r}]"] = jnp.asarray(params[name]) if use else None
-    for name in () if running is None else ("mean", "var"):
-        arrays[f"state[{name!r}]"] = running[name]
-    shape = checks.check_features(x.shape, feature_axes, arrays, getattr(norm, axis_arg), axis_arg)
-    scale, bias = arrays["params['scale']"], arrays["params['bias']"]
-    return Affine(
-        broadcastable(scale, x.ndim, feature_axes), broadcastable(bias, x.ndim, feature_axes), shape
-    )
-
-
-class Call(NamedTuple):
-    """A checked call of a normalizer with running statistics."""
-
-    x: jax.Array
-    feature_axes: tuple[int, ...]
-    affine: Affine
-    out: jnp.dtype  # the output dtype
-
-
-def check_batch_call(
-    norm: Any, params: Any, state: Any, x: Any, training: Any
-) -> tuple[bool, Call]:
-    """``(training, call)`` for a BatchNorm-like ``norm``, after every check of the call.
-
-    Checks ``training`` and ``x``, that ``state`` has the running statistics
-    of ``norm.momentum``, and that params and running statistics match the
-    features of ``x`` along ``norm.axis``.
-    """
-    layer = type(norm).__name__
-    training, x = check_training(training, layer), check_x(x)
-    feature_axes = checks.resolve_axes(norm.axis, x.ndim)
-    check_state_keys(state, running_keys(norm), layer)
-    aff = checked_affine(norm, params, x, feature_axes, "axis", running=state)
-    return training, Call(x, feature_axes, aff, out_dtype(norm, x))
-
-
-def running_output(norm: Any, state: State, c: Call) -> jax.Array:
-    """Evaluation mode: ``c.x`` normalized with ``state``'s running statistics."""
-    return normalize_with(
-        c.x, state["mean"], state["var"], c.affine, c.feature_axes, norm.epsilon, c.out
-    )
-
-
-def checked_mask(norm: Any, x_shape: tuple[int, ...], mask: Any) -> tuple[Mask, int]:
-    """``(mask, devices)``: the checked mask, and the number of devices that share the
-    statistics over ``norm.axis_name`` (an error if it is not bound)."""
-    mask = checks.check_mask(mask, x_shape)
-    devices = checks.bound_axis_size(norm.axis_name, norm.axis_index_groups, type(norm).__name__)
-    return mask, devices
-
-
-def other_axes(ndim: int, kept: tuple[int, ...], first: int = 0) -> tuple[int, ...]:
-    """The axes ``first..ndim-1`` that are not in ``kept``: the reduced axes."""
-    return tuple(i for i in range(first, ndim) if i not in kept)
+    shapes = {f"params[{n!r}]": have[n] for n in params}
+    shapes.update({f"state[{n!r}]": dict(sig.state or ())[n] for n in state})
+    return checks.check_features(sig.shape, feature_axes, shapes, axis, axis_arg)
 
 
 def check_single_value(values: int, allow: bool, message: str) -> None:
@@ -287,111 +334,121 @@ def check_single_value(values: int, allow: bool, message: str) -> None:
         )
 
 
-def batch_mask(
-    norm: Any, x_shape: tuple[int, ...], reduce_axes: tuple[int, ...], mask: Any
-) -> Mask:
-    """The checked ``mask`` of a BatchNorm-like training step over ``reduce_axes``.
-
-    Raises for an unbound ``norm.axis_name`` and, unless
-    ``norm.allow_single_value``, for a single value per feature in the whole
-    (multi-device) batch.
-    """
-    mask, devices = checked_mask(norm, x_shape, mask)
-    check_single_value(
-        math.prod(x_shape[i] for i in reduce_axes) * devices,
-        norm.allow_single_value,
-        f"{type(norm).__name__}: training with a single value per feature (x.shape="
-        f"{tuple(x_shape)}, axis={norm.axis!r}) has no meaningful variance; use a batch of "
-        f"2 or more, or training=False.",
-    )
-    return mask
+def other_axes(ndim: int, kept: tuple[int, ...], first: int = 0) -> tuple[int, ...]:
+    """The axes ``first..ndim-1`` that are not in ``kept``: the reduced axes."""
+    return tuple(i for i in range(first, ndim) if i not in kept)
 
 
-def check_example_call(
-    norm: Any, params: Any, x: Any, training: Any, mask: Any
-) -> tuple[jax.Array, tuple[int, ...], Affine, Mask]:
-    """``(x, reduce_axes, affine, mask)`` for LayerNorm-like ``norm`` (statistics of each
-    example over ``norm.reduction_axes``, scale and bias along ``norm.feature_axes``),
-    after every check of the call."""
-    check_training(training, type(norm).__name__)
-    x = check_x(x)
-    reduce_axes = checks.resolve_axes(norm.reduction_axes, x.ndim, "reduction_axes")
-    feature_axes = checks.resolve_axes(norm.feature_axes, x.ndim, "feature_axes")
-    aff = checked_affine(norm, params, x, feature_axes, "feature_axes")
-    mask, _ = checked_mask(norm, x.shape, mask)
-    return x, reduce_axes, aff, mask
+def broadcast_shape(ndim: int, axes: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape that puts ``sizes`` along ``axes`` of a rank-``ndim`` input, 1 elsewhere."""
+    shape = [1] * ndim
+    for a, s in zip(axes, sizes, strict=True):
+        shape[a] = s
+    return tuple(shape)
 
 
-def out_dtype(norm: Any, x: jax.Array) -> jnp.dtype:
-    """The output dtype: ``norm.dtype``, or ``x``'s when that is None."""
-    return jnp.dtype(norm.dtype or x.dtype)
+def check_real(layer: str, sig: Signature, why: str = "") -> None:
+    """Raises for complex input to a normalizer that takes real input only."""
+    if jnp.issubdtype(sig.dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{layer} takes real input{why}: x has dtype {sig.dtype}. Complex input works with "
+            f"BatchNorm, LayerNorm, RMSNorm, GroupNorm and InstanceNorm."
+        )
 
 
-# ------------------------------------------------------------------ computation
+def check_saving_output(layer: str, memory_efficient: bool, sig: Signature) -> None:
+    """Raises for complex input to a memory-efficient layer (its backward pass is
+    written for real input)."""
+    if memory_efficient:
+        check_real(f"{layer}(memory_efficient=True)", sig, "; use memory_efficient=False")
 
 
-def stats_config(
-    norm: Any, reduce_axes: tuple[int, ...], out: jnp.dtype, *, sync: bool = True
-) -> StatsConfig:
-    """The core's configuration for statistics over ``reduce_axes`` with ``norm``'s
-    ``epsilon``, ``use_fast_variance`` and (when ``sync``) ``axis_name``."""
+def out_dtype(dtype: Any, sig: Signature) -> jnp.dtype:
+    """The output dtype: ``dtype``, or ``x``'s when that is None."""
+    return jnp.dtype(dtype or sig.dtype)
+
+
+def stats_config(norm: StatsFields, axes: tuple[int, ...], sig: Signature) -> StatsConfig:
+    """The core's configuration for statistics over ``axes`` with ``norm``'s
+    epsilon, output dtype, devices and variance formula."""
     return StatsConfig(
-        axes=reduce_axes,
-        epsilon=float(norm.epsilon),
-        out_dtype=out,
-        axis_name=norm.axis_name if sync else None,
-        axis_index_groups=norm.axis_index_groups if sync else None,
-        fast_variance=norm.use_fast_variance,
+        axes,
+        float(norm.epsilon),
+        out_dtype(norm.dtype, sig),
+        norm.axis_name,
+        norm.axis_index_groups,
+        norm.use_fast_variance,
     )
+
+
+# --------------------------------------------------------- BatchNorm and variants
+
+
+class Layout(NamedTuple):
+    """What a BatchNorm-like ``apply`` needs to know about a call, checked once."""
+
+    feature_axes: tuple[int, ...]
+    features: tuple[int, ...]  # the shape of params and running statistics
+    pshape: tuple[int, ...]  # ``features`` broadcastable against x
+    cfg: StatsConfig  # the batch statistics: reduced axes, epsilon, output dtype, devices
+    used: tuple[str, ...]  # the parameters in use ("scale", "bias")
+
+
+@functools.lru_cache(maxsize=512)
+def batch_layout(norm: BatchFields, layer: str, sig: Signature) -> Layout:
+    """The :class:`Layout` of a BatchNorm-like call: statistics of each feature along
+    ``norm.axis`` over every other axis and device; state with running statistics."""
+    feature_axes = checks.resolve_axes(norm.axis, sig.ndim)
+    check_state_keys(layer, sig.state, running_keys(norm.momentum, norm.count_skipped))
+    used = tuple(n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use)
+    features = check_features(
+        layer, sig, feature_axes, used, ("mean", "var"), axis_arg="axis", axis=norm.axis
+    )
+    reduce_axes = other_axes(sig.ndim, feature_axes)
+    check_batch_values(norm, layer, sig, reduce_axes)
+    cfg = stats_config(norm, reduce_axes, sig)
+    return Layout(
+        feature_axes, features, broadcast_shape(sig.ndim, feature_axes, features), cfg, used
+    )
+
+
+def init_batch(
+    norm: BatchFields, shape: tuple[int, ...], key: jax.Array | None
+) -> tuple[Params, State]:
+    """A BatchNorm-like normalizer's ``(params, state)``: scale and bias, and running
+    statistics (mean 0, var 1, and the counters in use)."""
+    state = init_running(shape, norm.param_dtype, norm.momentum, norm.count_skipped)
+    return init_affine(norm, shape, key), state
+
+
+def check_batch_values(
+    norm: BatchFields, layer: str, sig: Signature, reduce_axes: tuple[int, ...]
+) -> None:
+    """In training, raises for a single value per feature over ``reduce_axes`` and the
+    devices, unless ``norm.allow_single_value``."""
+    if sig.training:
+        check_single_value(
+            math.prod(sig.shape[i] for i in reduce_axes) * sig.devices,
+            norm.allow_single_value,
+            f"{layer}: training with a single value per feature (x.shape={sig.shape}, "
+            f"axis={norm.axis!r}) has no meaningful variance; use a batch of 2 or more, or "
+            f"training=False.",
+        )
 
 
 def normalize_with(
     x: jax.Array,
     mean: jax.Array,
     var: jax.Array,
-    affine_: Affine,
-    feature_axes: tuple[int, ...],
+    scale: jax.Array | None,
+    bias: jax.Array | None,
     epsilon: float,
     out: Any,
 ) -> jax.Array:
-    """Eval-mode normalization with given feature-shaped (e.g. running) statistics.
-
-    One multiply-add per element.
-    """
-    mean = broadcastable(mean, x.ndim, feature_axes)
-    var = broadcastable(var, x.ndim, feature_axes)
+    """Eval-mode normalization with given (e.g. running) statistics that broadcast
+    against ``x``: one multiply-add per element."""
     inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
-    return affine(x, mean, inv, affine_.scale, affine_.bias, out)
-
-
-def update_state(
-    norm: Any,
-    state: State,
-    stats: tuple[jax.Array, jax.Array, jax.Array],
-    shape: tuple[int, ...],
-    *,
-    unbiased: bool | None = None,
-) -> State:
-    """``state`` updated with the batch ``(mean, var, count)`` (any shape of ``shape``'s size).
-
-    Uses ``norm.momentum``; ``unbiased`` defaults to
-    ``norm.unbiased_running_var`` (pass False for statistics that
-    :func:`average_stats` already made unbiased).
-    """
-    mean, var, count = (v.reshape(shape) for v in stats)
-    if unbiased is None:
-        unbiased = norm.unbiased_running_var
-    return update_running(state, mean, var, count, momentum=norm.momentum, unbiased=unbiased)
-
-
-def broadcastable(v: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.Array | None:
-    """Reshapes a per-feature array so it broadcasts against an input of rank ``ndim``."""
-    if v is None:
-        return None
-    shape = [1] * ndim
-    for a, s in zip(axes, v.shape, strict=True):
-        shape[a] = s
-    return jnp.reshape(v, shape)
+    return affine(x, mean, inv, scale, bias, out)
 
 
 def average_stats(
@@ -466,56 +523,3 @@ def functional_doc(layer: str, summary: str, example: str, extra_args: str = "")
         f"      ``(y, new_state)``, as :meth:`{layer}.apply`.\n\n"
         f"    Example::\n\n        {example}\n    "
     )
-
-
-# ------------------------------------------- parameters beyond scale and bias
-
-
-def named_params(
-    inits: Mapping[str, Initializer | None],
-    shape: tuple[int, ...],
-    key: jax.Array | None,
-    dtype: Any,
-) -> Params:
-    """One ``shape``-d parameter per name of ``inits`` whose initializer is not None,
-    in ``dtype``, each from its own key (split from ``key``, or from
-    ``jax.random.key(0)`` without one). For normalizers with parameters besides
-    ``scale`` and ``bias`` (FRN's ``tau``, EvoNorm's ``v``)."""
-    keys = jax.random.split(jax.random.key(0) if key is None else key, len(inits))
-    return {
-        name: jnp.asarray(init(k, shape, dtype), dtype)
-        for (name, init), k in zip(inits.items(), keys, strict=True)
-        if init is not None
-    }
-
-
-def checked_params(
-    norm: Any,
-    inits: Mapping[str, Any],
-    params: Any,
-    x: jax.Array,
-    feature_axes: tuple[int, ...],
-    axis_arg: str,
-    running: Mapping[str, jax.Array] | None = None,
-) -> dict[str, jax.Array | None]:
-    """The parameters ``norm`` uses (the names of ``inits`` whose value is not None)
-    from ``params``, checked against ``x``'s feature shape along ``feature_axes``
-    (``axis_arg`` names the field that gives them), as are the ``running`` state
-    arrays, and made broadcastable against ``x``; None for the names not in use."""
-    layer = type(norm).__name__
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{layer}: params must be a dict, got {type(params).__name__}.")
-    arrays: dict[str, Any] = {}
-    for name, init in inits.items():
-        if init is not None and name not in params:
-            raise ValueError(
-                f"{layer}: params has no {name!r} (keys: {sorted(params)}) but this "
-                f"configuration uses it; build params with {layer}.init."
-            )
-        arrays[f"params[{name!r}]"] = None if init is None else jnp.asarray(params[name])
-    for name, value in (running or {}).items():
-        arrays[f"state[{name!r}]"] = value
-    checks.check_features(x.shape, feature_axes, arrays, getattr(norm, axis_arg), axis_arg)
-    return {
-        name: broadcastable(arrays[f"params[{name!r}]"], x.ndim, feature_axes) for name in inits
-    }

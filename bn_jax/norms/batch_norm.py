@@ -3,34 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from bn_jax._core.normalize import batch_normalize
+from bn_jax._core.running import update_running
 from bn_jax.norms._common import (
-    Initializer,
+    BatchFields,
     Mask,
     Params,
     State,
-    batch_mask,
-    check_batch_call,
+    batch_layout,
     check_batch_fields,
+    check_call,
     feature_shape,
     functional,
-    init_params,
-    init_running,
-    other_axes,
-    running_output,
-    stats_config,
-    update_state,
+    init_batch,
+    normalize_with,
 )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BatchNorm:
+class BatchNorm(BatchFields):
     r"""Batch Normalization: normalize each feature with statistics of the batch.
 
     Training mode, per feature ``c`` over every other axis (and every device
@@ -101,29 +96,12 @@ class BatchNorm:
     Deep Network Training by Reducing Internal Covariate Shift", ICML 2015.
     """
 
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    axis: int | tuple[int, ...] = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = jax.nn.initializers.ones
-    bias_init: Initializer = jax.nn.initializers.zeros
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_fast_variance: bool = False
-    unbiased_running_var: bool = False
-    allow_single_value: bool = False
-    count_skipped: bool = False
-
     def __post_init__(self) -> None:
         check_batch_fields(self)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; see :meth:`Normalizer.init`."""
-        shape = feature_shape(features, self.axis, "BatchNorm")
-        return init_params(self, shape, key), init_running(self, shape)
+        return init_batch(self, feature_shape(features, self.axis, "BatchNorm"), key)
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -135,14 +113,28 @@ class BatchNorm:
           ValueError: also for a single value per feature in training, unless
             ``allow_single_value``.
         """
-        training, c = check_batch_call(self, params, state, x, training)
+        x, mask, sig = check_call(
+            "BatchNorm",
+            params,
+            state,
+            x,
+            mask,
+            training,
+            self.axis_name,
+            self.axis_index_groups,
+            sync_in_eval=False,  # evaluation uses the running statistics
+        )
+        lay = batch_layout(self, "BatchNorm", sig)
+        scale, bias = (
+            params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
+        )
         if not training:
-            return running_output(self, state, c), state
-        reduce_axes = other_axes(c.x.ndim, c.feature_axes)
-        mask = batch_mask(self, c.x.shape, reduce_axes, mask)
-        cfg = stats_config(self, reduce_axes, c.out)
-        y, *stats = batch_normalize(c.x, c.affine.scale, c.affine.bias, mask, cfg)
-        return y, update_state(self, state, stats, c.affine.shape)
+            mean, var = (state[n].reshape(lay.pshape) for n in ("mean", "var"))
+            return normalize_with(x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype), state
+        y, mean, var, count = batch_normalize(x, scale, bias, mask, lay.cfg)
+        return y, update_running(
+            state, mean, var, count, momentum=self.momentum, unbiased=self.unbiased_running_var
+        )
 
 
 batch_norm = functional(

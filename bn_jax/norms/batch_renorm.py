@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Sequence
+import functools
+from collections.abc import Callable
 from typing import Any, Union
 
 import jax
@@ -12,27 +13,23 @@ import numpy as np
 from jax import lax
 
 from bn_jax._core.normalize import batch_normalize
+from bn_jax._core.running import update_running
 from bn_jax._core.stats import moments, normalizing_var
 from bn_jax.norms._common import (
-    Call,
-    Initializer,
+    BatchFields,
+    Layout,
     Mask,
     Params,
+    Signature,
     State,
-    batch_mask,
-    broadcastable,
-    check_batch_call,
+    batch_layout,
     check_batch_fields,
-    check_state_keys,
+    check_call,
+    check_real,
     feature_shape,
     functional,
-    init_params,
-    init_running,
-    other_axes,
-    running_keys,
-    running_output,
-    stats_config,
-    update_state,
+    init_batch,
+    normalize_with,
 )
 
 Schedule = Union[float, Callable[[jax.Array], Any]]  # noqa: UP007 (a runtime alias)
@@ -56,7 +53,7 @@ def _limit(value: Schedule, step: jax.Array, dtype: Any) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BatchRenorm:
+class BatchRenorm(BatchFields):
     r"""Batch Renormalization: BatchNorm whose training output tracks the running statistics.
 
     Training mode, per feature, with batch statistics ``mu_B, sigma_B`` and
@@ -118,21 +115,6 @@ class BatchRenorm:
     Dependence in Batch-Normalized Models", NeurIPS 2017.
     """
 
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    axis: int | tuple[int, ...] = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = jax.nn.initializers.ones
-    bias_init: Initializer = jax.nn.initializers.zeros
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_fast_variance: bool = False
-    unbiased_running_var: bool = False
-    allow_single_value: bool = False
-    count_skipped: bool = False
     rmax: Schedule = 3.0
     dmax: Schedule = 5.0
 
@@ -143,9 +125,8 @@ class BatchRenorm:
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; ``state`` also holds the int32 ``"step"``."""
-        shape = feature_shape(features, self.axis, "BatchRenorm")
-        state = init_running(self, shape)
-        return init_params(self, shape, key), {**state, "step": jnp.zeros((), jnp.int32)}
+        params, state = init_batch(self, feature_shape(features, self.axis, "BatchRenorm"), key)
+        return params, {**state, "step": jnp.zeros((), jnp.int32)}
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -156,54 +137,87 @@ class BatchRenorm:
         Raises:
           ValueError: also for a state without ``"step"`` and, as
             :class:`BatchNorm`, a single value per feature in training.
+          TypeError: also for complex input.
         """
-        check_state_keys(state, running_keys(self), "BatchRenorm")  # a dict, first
-        if "step" not in state:
-            raise ValueError(
-                f"BatchRenorm: state has no 'step' (keys: {sorted(state)}); build it with "
-                f"BatchRenorm.init."
-            )
-        training, c = check_batch_call(self, params, state, x, training)
+        x, mask, sig = check_call(
+            "BatchRenorm",
+            params,
+            state,
+            x,
+            mask,
+            training,
+            self.axis_name,
+            self.axis_index_groups,
+            sync_in_eval=False,  # evaluation uses the running statistics
+        )
+        lay = _layout(self, sig)
+        scale, bias = (
+            params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
+        )
+        mean, var = (state[n].reshape(lay.pshape) for n in ("mean", "var"))
         if not training:
-            return running_output(self, state, c), state
-        reduce_axes = other_axes(c.x.ndim, c.feature_axes)
-        mask = batch_mask(self, c.x.shape, reduce_axes, mask)
-        scale, bias = _renorm_affine(self, state, c, mask, reduce_axes)
-        y, *stats = batch_normalize(c.x, scale, bias, mask, stats_config(self, reduce_axes, c.out))
-        new_state = update_state(self, state, stats, c.affine.shape)
+            return normalize_with(x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype), state
+        scale, bias = _renorm_affine(self, lay, state["step"], x, mask, mean, var, scale, bias)
+        y, batch_mean, batch_var, count = batch_normalize(x, scale, bias, mask, lay.cfg)
+        new_state = update_running(
+            state,
+            batch_mean,
+            batch_var,
+            count,
+            momentum=self.momentum,
+            unbiased=self.unbiased_running_var,
+        )
         return y, {**new_state, "step": state["step"] + 1}
 
 
+@functools.lru_cache(maxsize=256)
+def _layout(norm: BatchRenorm, sig: Signature) -> Layout:
+    lay = batch_layout(norm, "BatchRenorm", sig)
+    if "step" not in dict(sig.state):
+        keys = sorted(k for k, _ in sig.state)
+        raise ValueError(
+            f"BatchRenorm: state has no 'step' (keys: {keys}); build it with BatchRenorm.init."
+        )
+    check_real("BatchRenorm", sig, " (its corrections r and d are clipped)")
+    return lay
+
+
 def _renorm_affine(
-    norm: BatchRenorm, state: State, c: Call, mask: Mask, reduce_axes: tuple[int, ...]
+    norm: BatchRenorm,
+    lay: Layout,
+    step: jax.Array,
+    x: jax.Array,
+    mask: Mask,
+    run_mean: jax.Array,
+    run_var: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
     """The effective ``(scale * r, bias + scale * d)`` of this training step."""
-    x, feature_axes, aff = c.x, c.feature_axes, c.affine
+    cfg = lay.cfg
     # r and d need the batch statistics before normalizing; under jit XLA
     # shares this reduction with the identical one in batch_normalize.
     batch = moments(
         lax.stop_gradient(x),
-        reduce_axes,
+        cfg.axes,
         mask,
-        axis_name=norm.axis_name,
-        axis_index_groups=norm.axis_index_groups,
-        fast_variance=norm.use_fast_variance,
+        fast_variance=cfg.fast_variance,
+        axis_name=cfg.axis_name,
+        axis_index_groups=cfg.axis_index_groups,
     )
     dt = batch.mean.dtype
-    run_mean = broadcastable(state["mean"].astype(dt), x.ndim, feature_axes)
-    run_var = broadcastable(state["var"].astype(dt), x.ndim, feature_axes)
-    run_std = jnp.sqrt(run_var + norm.epsilon)
-    rmax = _limit(norm.rmax, state["step"], dt)
-    dmax = _limit(norm.dmax, state["step"], dt)
+    run_std = jnp.sqrt(run_var.astype(dt) + norm.epsilon)
+    rmax = _limit(norm.rmax, step, dt)
+    dmax = _limit(norm.dmax, step, dt)
     var = normalizing_var(batch, mask)  # the variance batch_normalize uses
     r = jnp.clip(jnp.sqrt(var + norm.epsilon) / run_std, 1.0 / rmax, rmax)
-    d = jnp.clip((batch.mean - run_mean) / run_std, -dmax, dmax)
+    d = jnp.clip((batch.mean - run_mean.astype(dt)) / run_std, -dmax, dmax)
     r, d = lax.stop_gradient(r), lax.stop_gradient(d)
-    scale = r if aff.scale is None else aff.scale.astype(dt) * r
-    bias = d if aff.scale is None else aff.scale.astype(dt) * d
-    if aff.bias is not None:
-        bias = bias + aff.bias.astype(dt)
-    return scale, bias
+    new_scale = r if scale is None else scale.astype(dt) * r
+    new_bias = d if scale is None else scale.astype(dt) * d
+    if bias is not None:
+        new_bias = new_bias + bias.astype(dt)
+    return new_scale, new_bias
 
 
 batch_renorm = functional(

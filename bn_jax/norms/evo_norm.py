@@ -3,42 +3,45 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from bn_jax._core import checks
+from bn_jax._core.normalize import StatsConfig
 from bn_jax._core.running import update_running
 from bn_jax._core.stats import moments, normalizing_var
 from bn_jax.norms._common import (
+    BatchFields,
     Initializer,
     Mask,
     Params,
+    Signature,
     State,
-    batch_mask,
-    broadcastable,
+    broadcast_shape,
     check_batch_fields,
-    check_common_fields,
+    check_batch_values,
+    check_call,
+    check_common,
+    check_features,
     check_int,
+    check_real,
     check_state_keys,
-    check_training,
-    check_x,
-    checked_mask,
-    checked_params,
     feature_shape,
     freeze,
     functional,
-    named_params,
+    init_params,
     other_axes,
-    out_dtype,
+    stats_config,
 )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EvoNormB0:
+class EvoNormB0(BatchFields):
     r"""EvoNorm-B0: a batch-dependent normalization-activation layer found by search.
 
     For features ``c`` (along ``axis``), with ``x``'s batch axis first::
@@ -110,45 +113,26 @@ class EvoNormB0:
     Normalization-Activation Layers", NeurIPS 2020.
     """
 
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    axis: int | tuple[int, ...] = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = jax.nn.initializers.ones
-    bias_init: Initializer = jax.nn.initializers.zeros
     v_init: Initializer = jax.nn.initializers.ones
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_fast_variance: bool = False
-    unbiased_running_var: bool = False
-    allow_single_value: bool = False
-    count_skipped: bool = False
 
     def __post_init__(self) -> None:
         check_batch_fields(self)
-
-    def _inits(self) -> dict[str, Initializer | None]:
-        return {
-            "scale": self.scale_init if self.use_scale else None,
-            "bias": self.bias_init if self.use_bias else None,
-            "v": self.v_init,
-        }
-
-    def _state_keys(self) -> tuple[str, ...]:
-        keys = ("var",) if self.momentum is not None else ("var", "count")
-        return (*keys, "skipped") if self.count_skipped else keys
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``: ``scale``, ``bias``, ``v`` and the running ``var``
         (1), plus the ``count`` / ``skipped`` counters in use."""
         shape = feature_shape(features, self.axis, "EvoNormB0")
-        dt = checks.stat_dtype(self.param_dtype)
-        state = {k: jnp.zeros(shape, jnp.int32) for k in self._state_keys()}
-        state["var"] = jnp.ones(shape, dt)
-        return named_params(self._inits(), shape, key, self.param_dtype), state
+        state = {k: jnp.zeros(shape, jnp.int32) for k in _b0_state_keys(self)}
+        state["var"] = jnp.ones(shape, checks.stat_dtype(self.param_dtype))
+        params = init_params(
+            shape,
+            key,
+            self.param_dtype,
+            scale=self.scale_init if self.use_scale else None,
+            bias=self.bias_init if self.use_bias else None,
+            v=self.v_init,
+        )
+        return params, state
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -159,67 +143,90 @@ class EvoNormB0:
         Raises:
           ValueError: also for an ``axis`` that includes the batch axis 0 and,
             unless ``allow_single_value``, a single value per feature in training.
+          TypeError: also for complex input.
         """
-        training, x = check_training(training, "EvoNormB0"), check_x(x)
-        feature_axes = checks.resolve_axes(self.axis, x.ndim)
-        if 0 in feature_axes:
-            raise ValueError(
-                f"EvoNormB0: axis={self.axis!r} includes axis 0, the batch axis (the "
-                f"per-example variance is taken over the other axes); put the batch first."
-            )
-        check_state_keys(state, self._state_keys(), "EvoNormB0")
-        p = checked_params(
-            self, self._inits(), params, x, feature_axes, "axis", running={"var": state["var"]}
+        x, mask, sig = check_call(
+            "EvoNormB0",
+            params,
+            state,
+            x,
+            mask,
+            training,
+            self.axis_name,
+            self.axis_index_groups,
+            sync_in_eval=False,  # evaluation uses the running statistics
         )
+        pshape, instance_axes, cfg = _b0_layout(self, sig)
         dt = checks.stat_dtype(x.dtype)
         if training:
-            batch_axes = other_axes(x.ndim, feature_axes)
-            mask = batch_mask(self, x.shape, batch_axes, mask)
             batch = moments(
                 x,
-                batch_axes,
+                cfg.axes,
                 mask,
-                axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups,
-                fast_variance=self.use_fast_variance,
+                fast_variance=cfg.fast_variance,
+                axis_name=cfg.axis_name,
+                axis_index_groups=cfg.axis_index_groups,
             )
             var_b = normalizing_var(batch, mask)
         else:
-            mask = checks.check_mask(mask, x.shape)
-            var_b = broadcastable(state["var"], x.ndim, feature_axes).astype(dt)
+            var_b = state["var"].reshape(pshape).astype(dt)
         # The example's own variance over the spatial axes: never across devices
         # (axis_name splits the batch here, not the examples).
-        inst = moments(
-            x,
-            other_axes(x.ndim, feature_axes, first=1),
-            mask,
-            fast_variance=self.use_fast_variance,
-        )
+        inst = moments(x, instance_axes, mask, fast_variance=self.use_fast_variance)
         var_i = normalizing_var(inst, mask)
         xf = x.astype(dt)
-        right = p["v"].astype(dt) * xf + jnp.sqrt(var_i + self.epsilon)
+        right = params["v"].reshape(pshape).astype(dt) * xf + jnp.sqrt(var_i + self.epsilon)
         y = xf / jnp.maximum(jnp.sqrt(var_b + self.epsilon), right)
-        if p["scale"] is not None:
-            y = y * p["scale"].astype(dt)
-        if p["bias"] is not None:
-            y = y + p["bias"].astype(dt)
-        y = y.astype(out_dtype(self, x))
+        if self.use_scale:
+            y = y * params["scale"].reshape(pshape).astype(dt)
+        if self.use_bias:
+            y = y + params["bias"].reshape(pshape).astype(dt)
+        y = y.astype(cfg.out_dtype)
         if not training:
             return y, state
-        shape = state["var"].shape
-        mean, var, count = (v.reshape(shape) for v in (batch.mean, batch.var, batch.count))
         # The core's update (guard, cumulative average, skip counter) reads a
         # running mean: B0 keeps none, so it gets a placeholder and drops it.
         new = update_running(
             {**state, "mean": jnp.zeros_like(state["var"])},
-            mean,
-            var,
-            count,
+            batch.mean,
+            batch.m2 / jnp.maximum(batch.count, 1),
+            batch.count,
             momentum=self.momentum,
             unbiased=self.unbiased_running_var,
         )
         del new["mean"]
         return y, new
+
+
+def _b0_state_keys(norm: EvoNormB0) -> tuple[str, ...]:
+    keys = ("var",) if norm.momentum is not None else ("var", "count")
+    return (*keys, "skipped") if norm.count_skipped else keys
+
+
+@functools.lru_cache(maxsize=256)
+def _b0_layout(
+    norm: EvoNormB0, sig: Signature
+) -> tuple[tuple[int, ...], tuple[int, ...], StatsConfig]:
+    """The features' broadcast shape, the per-example (spatial) axes and the batch
+    statistics' configuration, checked once."""
+    layer = "EvoNormB0"
+    feature_axes = checks.resolve_axes(norm.axis, sig.ndim)
+    if 0 in feature_axes:
+        raise ValueError(
+            f"{layer}: axis={norm.axis!r} includes axis 0, the batch axis (the per-example "
+            f"variance is taken over the other axes); put the batch first."
+        )
+    check_real(layer, sig)
+    check_state_keys(layer, sig.state, _b0_state_keys(norm))
+    used = [n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use]
+    features = check_features(
+        layer, sig, feature_axes, [*used, "v"], ("var",), axis_arg="axis", axis=norm.axis
+    )
+    batch_axes = other_axes(sig.ndim, feature_axes)
+    check_batch_values(norm, layer, sig, batch_axes)
+    pshape = broadcast_shape(sig.ndim, feature_axes, features)
+    instance_axes = other_axes(sig.ndim, feature_axes, first=1)
+    return pshape, instance_axes, stats_config(norm, batch_axes, sig)
 
 
 evo_norm_b0 = functional(
@@ -303,33 +310,34 @@ class EvoNormS0:
             if getattr(self, name) is not None:
                 freeze(self, **{name: check_int(name, getattr(self, name), positive=True)})
         freeze(self, feature_axis=check_int("feature_axis", self.feature_axis))
-        check_common_fields(self)
-
-    def _inits(self) -> dict[str, Initializer | None]:
-        return {
-            "scale": self.scale_init if self.use_scale else None,
-            "bias": self.bias_init if self.use_bias else None,
-            "v": self.v_init,
-        }
+        check_common(self)
 
     def _groups(self, channels: int) -> int:
         """Number of groups for ``channels``, or a ValueError that says what divides."""
         if self.group_size is not None:
             arg, divisor = f"group_size={self.group_size}", self.group_size
         else:
-            arg, divisor = f"num_groups={self.num_groups}", self.num_groups
+            arg, divisor = f"num_groups={self.num_groups}", cast(int, self.num_groups)
         if channels % divisor:
             raise ValueError(
                 f"EvoNormS0: {arg} does not divide the {channels} channels along "
                 f"feature_axis={self.feature_axis}; pick a divisor of {channels}."
             )
-        return self.num_groups if self.group_size is None else channels // self.group_size
+        return channels // divisor if self.group_size is not None else divisor
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})`` for ``features`` channels (an int or an example input)."""
         (channels,) = feature_shape(features, self.feature_axis, "EvoNormS0", "feature_axis")
         self._groups(channels)
-        return named_params(self._inits(), (channels,), key, self.param_dtype), {}
+        params = init_params(
+            (channels,),
+            key,
+            self.param_dtype,
+            scale=self.scale_init if self.use_scale else None,
+            bias=self.bias_init if self.use_bias else None,
+            v=self.v_init,
+        )
+        return params, {}
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -340,49 +348,59 @@ class EvoNormS0:
         Raises:
           ValueError: also for channels not divisible into groups, or a
             ``feature_axis`` that is the batch axis 0.
+          TypeError: also for complex input.
         """
-        check_training(training, "EvoNormS0")
-        x = check_x(x)
-        (c,) = checks.resolve_axes(self.feature_axis, x.ndim, "feature_axis")
-        if c == 0:
-            raise ValueError(
-                f"EvoNormS0: feature_axis={self.feature_axis} is axis 0, the batch axis; put "
-                f"the batch first."
-            )
-        p = checked_params(self, self._inits(), params, x, (c,), "feature_axis")
-        channels = x.shape[c]
-        groups = self._groups(channels)
-        mask, _ = checked_mask(self, x.shape, mask)
-        # GroupNorm's grouping: the channel axis c split into (groups, channels
-        # per group) at c, c + 1; statistics over every axis but 0 and c.
-        split = (*x.shape[:c], groups, channels // groups, *x.shape[c + 1 :])
+        x, mask, sig = check_call(
+            "EvoNormS0", params, state, x, mask, training, self.axis_name, self.axis_index_groups
+        )
+        split, pshape, cfg = _s0_layout(self, sig)
         xs = x.reshape(split)
         if mask is not None:
             mask = jnp.broadcast_to(mask, x.shape).reshape(split)
         m = moments(
             xs,
-            tuple(a for a in range(1, xs.ndim) if a != c),
+            cfg.axes,
             mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            fast_variance=self.use_fast_variance,
+            fast_variance=cfg.fast_variance,
+            axis_name=cfg.axis_name,
+            axis_index_groups=cfg.axis_index_groups,
         )
         dt = m.mean.dtype
         inv = lax.rsqrt(normalizing_var(m, mask) + self.epsilon)
         xf = xs.astype(dt)
-        y = xf * jax.nn.sigmoid(_grouped(p["v"], split, c).astype(dt) * xf) * inv
-        if p["scale"] is not None:
-            y = y * _grouped(p["scale"], split, c).astype(dt)
-        if p["bias"] is not None:
-            y = y + _grouped(p["bias"], split, c).astype(dt)
-        return y.astype(out_dtype(self, x)).reshape(x.shape), state
+        y = xf * jax.nn.sigmoid(params["v"].reshape(pshape).astype(dt) * xf) * inv
+        if self.use_scale:
+            y = y * params["scale"].reshape(pshape).astype(dt)
+        if self.use_bias:
+            y = y + params["bias"].reshape(pshape).astype(dt)
+        return y.astype(cfg.out_dtype).reshape(x.shape), state
 
 
-def _grouped(v: jax.Array, split: tuple[int, ...], c: int) -> jax.Array:
-    """A per-channel array broadcastable against ``x`` reshaped to ``split``."""
-    shape = [1] * len(split)
-    shape[c], shape[c + 1] = split[c], split[c + 1]
-    return v.reshape(shape)
+@functools.lru_cache(maxsize=256)
+def _s0_layout(
+    norm: EvoNormS0, sig: Signature
+) -> tuple[tuple[int, ...], tuple[int, ...], StatsConfig]:
+    """GroupNorm's grouping: the channel axis ``c`` split into (groups, channels per
+    group) at ``c, c + 1``, statistics over every axis but 0 and ``c``; returns the
+    split shape, the parameters' broadcast shape against it and the statistics'
+    configuration, checked once."""
+    layer = "EvoNormS0"
+    (c,) = checks.resolve_axes(norm.feature_axis, sig.ndim, "feature_axis")
+    if c == 0:
+        raise ValueError(
+            f"{layer}: feature_axis={norm.feature_axis} is axis 0, the batch axis; put the "
+            f"batch first."
+        )
+    check_real(layer, sig)
+    used = [n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use]
+    check_features(layer, sig, (c,), [*used, "v"], axis_arg="feature_axis", axis=norm.feature_axis)
+    channels = sig.shape[c]
+    groups = norm._groups(channels)
+    split = (*sig.shape[:c], groups, channels // groups, *sig.shape[c + 1 :])
+    pshape = [1] * len(split)
+    pshape[c], pshape[c + 1] = groups, channels // groups
+    axes = tuple(a for a in range(1, len(split)) if a != c)
+    return split, tuple(pshape), stats_config(norm, axes, sig)
 
 
 evo_norm_s0 = functional(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -10,21 +11,23 @@ import jax
 import jax.numpy as jnp
 
 from bn_jax._core import checks
-from bn_jax._core.memory_efficient import rms_statistics
+from bn_jax._core.normalize import StatsConfig
+from bn_jax._core.stats import mean_square
 from bn_jax.norms._common import (
     Initializer,
     Mask,
     Params,
+    Signature,
     State,
-    check_common_fields,
-    check_training,
-    check_x,
-    checked_mask,
-    checked_params,
+    broadcast_shape,
+    check_call,
+    check_common,
+    check_features,
+    check_real,
     feature_shape,
     freeze,
     functional,
-    named_params,
+    init_params,
     other_axes,
     out_dtype,
 )
@@ -110,22 +113,22 @@ class FilterResponseNorm:
     axis_index_groups: Sequence[Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
+        check_common(self)
         freeze(self, feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"))
-        check_common_fields(self)
-
-    def _inits(self) -> dict[str, Initializer | None]:
-        """Each parameter's initializer, None where the parameter is not in use."""
-        return {
-            "scale": self.scale_init if self.use_scale else None,
-            "bias": self.bias_init if self.use_bias else None,
-            "tau": self.tau_init if self.use_tau else None,
-            "eps": self.eps_init if self.learned_epsilon else None,
-        }
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})``: ``scale``, ``bias``, ``tau`` (and ``eps``) per channel."""
         shape = feature_shape(features, self.feature_axes, "FilterResponseNorm", "feature_axes")
-        return named_params(self._inits(), shape, key, self.param_dtype), {}
+        params = init_params(
+            shape,
+            key,
+            self.param_dtype,
+            scale=self.scale_init if self.use_scale else None,
+            bias=self.bias_init if self.use_bias else None,
+            tau=self.tau_init if self.use_tau else None,
+            eps=self.eps_init if self.learned_epsilon else None,
+        )
+        return params, {}
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -136,38 +139,67 @@ class FilterResponseNorm:
 
         Raises:
           ValueError: also for feature axes that include the batch axis 0.
+          TypeError: also for complex input.
         """
-        check_training(training, "FilterResponseNorm")
-        x = check_x(x)
-        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
-        if 0 in feature_axes:
-            raise ValueError(
-                f"FilterResponseNorm: feature_axes={self.feature_axes!r} includes axis 0, the "
-                f"batch axis; put the batch first."
-            )
-        p = checked_params(self, self._inits(), params, x, feature_axes, "feature_axes")
-        mask, _ = checked_mask(self, x.shape, mask)
-        dt = checks.stat_dtype(x.dtype)
-        eps = jnp.asarray(self.epsilon, dt)
-        if p["eps"] is not None:
-            eps = eps + jnp.abs(p["eps"].astype(dt))
-        # The mean square is RMSNorm's statistic, taken over the spatial axes.
-        inv, _ = rms_statistics(
+        x, mask, sig = check_call(
+            "FilterResponseNorm",
+            params,
+            state,
             x,
             mask,
-            axes=other_axes(x.ndim, feature_axes, first=1),
-            epsilon=eps,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
+            training,
+            self.axis_name,
+            self.axis_index_groups,
         )
-        y = x.astype(dt) * inv
-        if p["scale"] is not None:
-            y = y * p["scale"].astype(dt)
-        if p["bias"] is not None:
-            y = y + p["bias"].astype(dt)
-        if p["tau"] is not None:
-            y = jnp.maximum(y, p["tau"].astype(dt))
-        return y.astype(out_dtype(self, x)), state
+        pshape, used, cfg = _layout(self, sig)
+        dt = checks.stat_dtype(x.dtype)
+        eps = jnp.asarray(self.epsilon, dt)
+        if "eps" in used:
+            eps = eps + jnp.abs(params["eps"].reshape(pshape).astype(dt))
+        # The mean square is RMSNorm's statistic, taken over the spatial axes.
+        ms, _ = mean_square(
+            x, cfg.axes, mask, axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups
+        )
+        y = x.astype(dt) * jax.lax.rsqrt(ms + eps)
+        if "scale" in used:
+            y = y * params["scale"].reshape(pshape).astype(dt)
+        if "bias" in used:
+            y = y + params["bias"].reshape(pshape).astype(dt)
+        if "tau" in used:
+            y = jnp.maximum(y, params["tau"].reshape(pshape).astype(dt))
+        return y.astype(cfg.out_dtype), state
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(
+    norm: FilterResponseNorm, sig: Signature
+) -> tuple[tuple[int, ...], tuple[str, ...], StatsConfig]:
+    layer = "FilterResponseNorm"
+    feature_axes = checks.resolve_axes(norm.feature_axes, sig.ndim, "feature_axes")
+    if 0 in feature_axes:
+        raise ValueError(
+            f"{layer}: feature_axes={norm.feature_axes!r} includes axis 0, the batch axis; put "
+            f"the batch first."
+        )
+    check_real(layer, sig, " (its TLU is a maximum)")
+    uses = {
+        "scale": norm.use_scale,
+        "bias": norm.use_bias,
+        "tau": norm.use_tau,
+        "eps": norm.learned_epsilon,
+    }
+    used = tuple(n for n, use in uses.items() if use)
+    features = check_features(
+        layer, sig, feature_axes, used, axis_arg="feature_axes", axis=norm.feature_axes
+    )
+    cfg = StatsConfig(
+        other_axes(sig.ndim, feature_axes, first=1),
+        float(norm.epsilon),
+        out_dtype(norm.dtype, sig),
+        norm.axis_name,
+        norm.axis_index_groups,
+    )
+    return broadcast_shape(sig.ndim, feature_axes, features), used, cfg
 
 
 filter_response_norm = functional(

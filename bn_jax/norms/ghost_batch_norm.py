@@ -3,39 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from bn_jax._core.normalize import batch_normalize
+from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax._core.running import update_running
 from bn_jax.norms._common import (
-    Initializer,
+    BatchFields,
+    Layout,
     Mask,
     Params,
+    Signature,
     State,
     average_stats,
-    check_batch_call,
+    batch_layout,
     check_batch_fields,
+    check_call,
     check_int,
+    check_real,
     check_single_value,
-    checked_mask,
     feature_shape,
     freeze,
     functional,
-    init_params,
-    init_running,
+    init_batch,
+    normalize_with,
     other_axes,
-    running_output,
-    stats_config,
-    update_state,
 )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GhostBatchNorm:
+class GhostBatchNorm(BatchFields):
     r"""Ghost Batch Normalization: BatchNorm over small virtual sub-batches.
 
     Training mode splits the batch axis (axis 0) into ``k = B / v``
@@ -88,21 +88,6 @@ class GhostBatchNorm:
     neural networks", NeurIPS 2017.
     """
 
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    axis: int | tuple[int, ...] = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = jax.nn.initializers.ones
-    bias_init: Initializer = jax.nn.initializers.zeros
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_fast_variance: bool = False
-    unbiased_running_var: bool = False
-    allow_single_value: bool = False
-    count_skipped: bool = False
     virtual_batch_size: int
 
     def __post_init__(self) -> None:
@@ -112,8 +97,7 @@ class GhostBatchNorm:
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; see :meth:`Normalizer.init`."""
-        shape = feature_shape(features, self.axis, "GhostBatchNorm")
-        return init_params(self, shape, key), init_running(self, shape)
+        return init_batch(self, feature_shape(features, self.axis, "GhostBatchNorm"), key)
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -126,41 +110,35 @@ class GhostBatchNorm:
             ``x.shape[0]``, ``axis`` includes axis 0, or a virtual batch has a
             single value per feature (unless ``allow_single_value``).
         """
-        training, c = check_batch_call(self, params, state, x, training)
-        if 0 in c.feature_axes:
-            raise ValueError(
-                f"GhostBatchNorm: axis={self.axis!r} includes axis 0, which is the batch axis "
-                f"split into virtual batches; put the batch first."
-            )
-        if not training:
-            return running_output(self, state, c), state
-        x, aff = c.x, c.affine
-        v, batch = self.virtual_batch_size, x.shape[0]
-        if batch % v:
-            raise ValueError(
-                f"GhostBatchNorm: virtual_batch_size={v} does not divide the per-device batch "
-                f"of {batch} examples (x.shape[0]); use a batch that is a multiple of {v} or "
-                f"a virtual_batch_size among the divisors of {batch}."
-            )
-        mask, _ = checked_mask(self, x.shape, mask)
-        xg = x.reshape((batch // v, v, *x.shape[1:]))  # [virtual batch, example, ...]
-        reduce_g = other_axes(xg.ndim, tuple(a + 1 for a in c.feature_axes), first=1)
-        check_single_value(
-            math.prod(xg.shape[i] for i in reduce_g),
-            self.allow_single_value,
-            f"GhostBatchNorm: training with virtual_batch_size={v} leaves a single value per "
-            f"feature in each virtual batch (x.shape={tuple(x.shape)}); use "
-            f"virtual_batch_size >= 2.",
+        x, mask, sig = check_call(
+            "GhostBatchNorm",
+            params,
+            state,
+            x,
+            mask,
+            training,
+            self.axis_name,
+            self.axis_index_groups,
+            sync_in_eval=False,  # evaluation uses the running statistics
         )
+        lay, cfg = _layout(self, sig)
+        scale, bias = (
+            params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
+        )
+        if not training:
+            mean, var = (state[n].reshape(lay.pshape) for n in ("mean", "var"))
+            return normalize_with(x, mean, var, scale, bias, self.epsilon, cfg.out_dtype), state
+        v = self.virtual_batch_size
+        xg = x.reshape((x.shape[0] // v, v, *x.shape[1:]))  # [virtual batch, example, ...]
         if mask is not None:
             mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
             mask = (
                 mask[None] if mask.shape[0] == 1 else mask.reshape((*xg.shape[:2], *mask.shape[1:]))
             )
-        cfg = stats_config(self, reduce_g, c.out, sync=False)  # each device its own batches
-        scale, bias = (None if a is None else a[None] for a in (aff.scale, aff.bias))
+        scale, bias = (None if a is None else a[None] for a in (scale, bias))
         y, mean, var, count = batch_normalize(xg, scale, bias, mask, cfg)
-        # One update with the count-weighted average of the sub-batch statistics.
+        # One update with the count-weighted average of the sub-batch statistics
+        # (made unbiased there if asked).
         stats = average_stats(
             mean,
             var,
@@ -169,8 +147,39 @@ class GhostBatchNorm:
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
         )
-        # average_stats already made the variance unbiased if asked.
-        return y.reshape(x.shape), update_state(self, state, stats, aff.shape, unbiased=False)
+        return y.reshape(x.shape), update_running(state, *stats, momentum=self.momentum)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(norm: GhostBatchNorm, sig: Signature) -> tuple[Layout, StatsConfig]:
+    """BatchNorm's layout (its single-value check is per virtual batch, below) and the
+    statistics of each virtual batch on this device."""
+    lay = batch_layout(norm, "GhostBatchNorm", sig._replace(training=False))
+    if 0 in lay.feature_axes:
+        raise ValueError(
+            f"GhostBatchNorm: axis={norm.axis!r} includes axis 0, which is the batch axis "
+            f"split into virtual batches; put the batch first."
+        )
+    check_real("GhostBatchNorm", sig)
+    v, batch = norm.virtual_batch_size, sig.shape[0]
+    if not sig.training:
+        return lay, lay.cfg
+    if batch % v:
+        raise ValueError(
+            f"GhostBatchNorm: virtual_batch_size={v} does not divide the per-device batch "
+            f"of {batch} examples (x.shape[0]); use a batch that is a multiple of {v} or "
+            f"a virtual_batch_size among the divisors of {batch}."
+        )
+    grouped = (batch // v, v, *sig.shape[1:])
+    reduce_g = other_axes(len(grouped), tuple(a + 1 for a in lay.feature_axes), first=1)
+    check_single_value(
+        math.prod(grouped[i] for i in reduce_g),
+        norm.allow_single_value,
+        f"GhostBatchNorm: training with virtual_batch_size={v} leaves a single value per "
+        f"feature in each virtual batch (x.shape={sig.shape}); use virtual_batch_size >= 2.",
+    )
+    # Each device normalizes its own virtual batches; only the running update syncs.
+    return lay, lay.cfg._replace(axes=reduce_g, axis_name=None, axis_index_groups=None)
 
 
 ghost_batch_norm = functional(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -12,22 +13,21 @@ import numpy as np
 
 from bn_jax._core import checks
 from bn_jax._core.memory_efficient import layer_norm_saving_output
-from bn_jax._core.normalize import batch_normalize
+from bn_jax._core.normalize import StatsConfig, batch_normalize
 from bn_jax.norms._common import (
     Initializer,
     Mask,
     Params,
+    Signature,
     State,
-    check_common_fields,
+    check_call,
+    check_common,
+    check_features,
     check_int,
-    check_training,
-    check_x,
-    checked_affine,
-    checked_mask,
+    check_saving_output,
     freeze,
     functional,
-    init_params,
-    out_dtype,
+    init_affine,
     stats_config,
 )
 
@@ -109,7 +109,6 @@ class GroupNorm:
         for name in ("num_groups", "group_size"):
             if getattr(self, name) is not None:
                 freeze(self, **{name: check_int(name, getattr(self, name), positive=True)})
-        checks.check_epsilon(self.epsilon)
         freeze(self, feature_axis=check_int("feature_axis", self.feature_axis))
         if self.reduction_axes is not None:
             try:
@@ -120,7 +119,7 @@ class GroupNorm:
                     f"{self.reduction_axes!r}."
                 ) from None
             freeze(self, reduction_axes=red)
-        check_common_fields(self)
+        check_common(self)
 
     def _groups(self, channels: int) -> int:
         """Number of groups for ``channels``, or a ValueError that says what divides."""
@@ -132,13 +131,14 @@ class GroupNorm:
                     f"divisor of {channels}."
                 )
             return channels // self.group_size
-        if channels % self.num_groups:
+        groups = cast(int, self.num_groups)  # exactly one of the two is set
+        if channels % groups:
             raise ValueError(
                 f"GroupNorm: num_groups={self.num_groups} does not divide the {channels} "
                 f"channels along feature_axis={self.feature_axis}; pick a divisor of {channels} "
                 f"(or set group_size and num_groups=None)."
             )
-        return self.num_groups
+        return groups
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})`` for ``features`` channels (an int or an example input)."""
@@ -157,7 +157,7 @@ class GroupNorm:
                 f"GroupNorm.init: the number of channels must be positive, got {channels}."
             )
         self._groups(channels)
-        return init_params(self, (channels,), key), {}
+        return init_affine(self, (channels,), key), {}
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -169,42 +169,62 @@ class GroupNorm:
           ValueError: also for channels not divisible into groups or
             reduction axes that omit the feature axis.
         """
-        check_training(training, "GroupNorm")
-        x = check_x(x)
-        (c,) = checks.resolve_axes(self.feature_axis, x.ndim, "feature_axis")
-        if self.reduction_axes is None:
-            reduce = tuple(range(1, x.ndim))
-        else:
-            reduce = checks.resolve_axes(self.reduction_axes, x.ndim, "reduction_axes")
-        if c not in reduce:
-            raise ValueError(
-                f"GroupNorm: reduction_axes={self.reduction_axes!r} must include "
-                f"feature_axis={self.feature_axis} (axis {c} of an input of rank {x.ndim}): "
-                f"statistics are taken over the channels of each group."
-            )
-        aff = checked_affine(self, params, x, (c,), "feature_axis")
-        channels = x.shape[c]
-        groups = self._groups(channels)
-        mask, _ = checked_mask(self, x.shape, mask)
-
-        # Split the channel axis c into (groups, channels per group) at c, c + 1.
-        split = (*x.shape[:c], groups, channels // groups, *x.shape[c + 1 :])
-        reduce_g = tuple(sorted([a + (a > c) for a in reduce if a != c] + [c + 1]))
-        pshape = [1] * (x.ndim + 1)
-        pshape[c], pshape[c + 1] = groups, channels // groups
-        if mask is not None:
+        x, mask, sig = check_call(
+            "GroupNorm", params, state, x, mask, training, self.axis_name, self.axis_index_groups
+        )
+        lay = _layout(self, sig)
+        scale, bias = (
+            params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
+        )
+        if mask is not None:  # split the channel axis c of the mask too (if it has one)
+            c = lay.channel_axis
             mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
             if mask.shape[c] == 1:
                 mask = jnp.expand_dims(mask, c + 1)
             else:
-                mask = mask.reshape((*mask.shape[:c], *split[c : c + 2], *mask.shape[c + 1 :]))
-        scale, bias = (None if a is None else a.reshape(pshape) for a in (aff.scale, aff.bias))
-        cfg = stats_config(self, reduce_g, out_dtype(self, x))
+                mask = mask.reshape((*mask.shape[:c], *lay.split[c : c + 2], *mask.shape[c + 1 :]))
+        xg = x.reshape(lay.split)
         if self.memory_efficient:
-            y = layer_norm_saving_output(x.reshape(split), scale, bias, mask, cfg)
-            return y.reshape(x.shape), state
-        y, _, _, _ = batch_normalize(x.reshape(split), scale, bias, mask, cfg)
+            y = layer_norm_saving_output(xg, scale, bias, mask, lay.cfg)
+        else:
+            y = batch_normalize(xg, scale, bias, mask, lay.cfg)[0]
         return y.reshape(x.shape), state
+
+
+class _Layout(NamedTuple):
+    channel_axis: int
+    split: tuple[int, ...]  # x's shape with the channels split into (groups, per group)
+    pshape: tuple[int, ...]  # scale and bias broadcastable against the split input
+    used: tuple[str, ...]
+    cfg: StatsConfig  # statistics over the split input
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(norm: GroupNorm, sig: Signature) -> _Layout:
+    ndim = sig.ndim
+    (c,) = checks.resolve_axes(norm.feature_axis, ndim, "feature_axis")
+    if norm.reduction_axes is None:
+        reduce = tuple(range(1, ndim))
+    else:
+        reduce = checks.resolve_axes(norm.reduction_axes, ndim, "reduction_axes")
+    if c not in reduce:
+        raise ValueError(
+            f"GroupNorm: reduction_axes={norm.reduction_axes!r} must include "
+            f"feature_axis={norm.feature_axis} (axis {c} of an input of rank {ndim}): "
+            f"statistics are taken over the channels of each group."
+        )
+    check_saving_output("GroupNorm", norm.memory_efficient, sig)
+    used = tuple(n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use)
+    check_features("GroupNorm", sig, (c,), used, axis_arg="feature_axis", axis=norm.feature_axis)
+    channels = sig.shape[c]
+    groups = norm._groups(channels)
+    # Split the channel axis c into (groups, channels per group) at c, c + 1.
+    split = (*sig.shape[:c], groups, channels // groups, *sig.shape[c + 1 :])
+    reduce_g = tuple(sorted([a + (a > c) for a in reduce if a != c] + [c + 1]))
+    pshape = [1] * (ndim + 1)
+    pshape[c], pshape[c + 1] = groups, channels // groups
+    cfg = stats_config(norm, reduce_g, sig)
+    return _Layout(c, split, tuple(pshape), used, cfg)
 
 
 group_norm = functional(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -11,31 +12,30 @@ import jax
 import jax.numpy as jnp
 
 from bn_jax._core import checks
-from bn_jax._core.normalize import batch_normalize
+from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax._core.running import update_running
 from bn_jax.norms._common import (
     Initializer,
     Mask,
     Params,
+    Signature,
     State,
     average_stats,
-    check_common_fields,
+    broadcast_shape,
+    check_call,
+    check_common,
+    check_features,
     check_single_value,
     check_state_keys,
-    check_training,
-    check_x,
-    checked_affine,
-    checked_mask,
     feature_shape,
     freeze,
     functional,
-    init_params,
+    init_affine,
     init_running,
     normalize_with,
     other_axes,
-    out_dtype,
     running_keys,
     stats_config,
-    update_state,
 )
 
 
@@ -128,14 +128,19 @@ class InstanceNorm:
 
     def __post_init__(self) -> None:
         checks.check_momentum(self.momentum)
-        freeze(self, feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"))
-        check_common_fields(self)
+        check_common(self)
+        freeze(
+            self,
+            feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"),
+        )
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; ``state`` is ``{}`` unless ``track_running_stats``."""
         shape = feature_shape(features, self.feature_axes, "InstanceNorm", "feature_axes")
-        state = init_running(self, shape)
-        return init_params(self, shape, key), state if self.track_running_stats else {}
+        params = init_affine(self, shape, key)
+        if not self.track_running_stats:
+            return params, {}
+        return params, init_running(shape, self.param_dtype, self.momentum, self.count_skipped)
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -148,40 +153,67 @@ class InstanceNorm:
           ValueError: also for feature axes that include axis 0 and, unless
             ``allow_single_value``, a single value per instance and channel.
         """
-        training, x = check_training(training, "InstanceNorm"), check_x(x)
-        feature_axes = checks.resolve_axes(self.feature_axes, x.ndim, "feature_axes")
-        if 0 in feature_axes:
-            raise ValueError(
-                f"InstanceNorm: feature_axes={self.feature_axes!r} includes axis 0, the batch "
-                f"axis; put the batch first."
-            )
         track = self.track_running_stats
-        if track:
-            check_state_keys(state, running_keys(self), "InstanceNorm")
-        aff = checked_affine(
-            self, params, x, feature_axes, "feature_axes", state if track else None
+        x, mask, sig = check_call(
+            "InstanceNorm",
+            params,
+            state,
+            x,
+            mask,
+            training,
+            self.axis_name,
+            self.axis_index_groups,
+            sync_in_eval=not track,  # tracked evaluation uses the running statistics
         )
-        out = out_dtype(self, x)
+        pshape, used, cfg = _layout(self, sig)
+        scale, bias = (params[n].reshape(pshape) if n in used else None for n in ("scale", "bias"))
         if track and not training:
-            y = normalize_with(x, state["mean"], state["var"], aff, feature_axes, self.epsilon, out)
-            return y, state
-        reduce_axes = other_axes(x.ndim, feature_axes, first=1)
-        mask, devices = checked_mask(self, x.shape, mask)
-        check_single_value(
-            math.prod(x.shape[i] for i in reduce_axes) * devices,
-            self.allow_single_value,
-            f"InstanceNorm: x.shape={tuple(x.shape)} with feature_axes={self.feature_axes!r} "
-            f"leaves a single value per instance and channel (no spatial axes); its variance "
-            f"is meaningless. Did you mean LayerNorm or BatchNorm?",
-        )
-        cfg = stats_config(self, reduce_axes, out)
-        y, mean, var, count = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
+            mean, var = (state[n].reshape(pshape) for n in ("mean", "var"))
+            return normalize_with(x, mean, var, scale, bias, self.epsilon, cfg.out_dtype), state
+        y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
         if not (track and training):
             return y, state
         # Statistics are already merged over axis_name (it splits the spatial
         # axes), so the average over instances needs no further collective.
         stats = average_stats(mean, var, count, unbiased=self.unbiased_running_var)
-        return y, update_state(self, state, stats, aff.shape, unbiased=False)
+        return y, update_running(state, *stats, momentum=self.momentum)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(
+    norm: InstanceNorm, sig: Signature
+) -> tuple[tuple[int, ...], tuple[str, ...], StatsConfig]:
+    layer = "InstanceNorm"
+    feature_axes = checks.resolve_axes(norm.feature_axes, sig.ndim, "feature_axes")
+    if 0 in feature_axes:
+        raise ValueError(
+            f"InstanceNorm: feature_axes={norm.feature_axes!r} includes axis 0, the batch "
+            f"axis; put the batch first."
+        )
+    track = norm.track_running_stats
+    if track:
+        check_state_keys(layer, sig.state, running_keys(norm.momentum, norm.count_skipped))
+    used = tuple(n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use)
+    features = check_features(
+        layer,
+        sig,
+        feature_axes,
+        used,
+        ("mean", "var") if track else (),
+        axis_arg="feature_axes",
+        axis=norm.feature_axes,
+    )
+    reduce_axes = other_axes(sig.ndim, feature_axes, first=1)
+    if sig.training or not track:
+        check_single_value(
+            math.prod(sig.shape[i] for i in reduce_axes) * sig.devices,
+            norm.allow_single_value,
+            f"InstanceNorm: x.shape={sig.shape} with feature_axes={norm.feature_axes!r} "
+            f"leaves a single value per instance and channel (no spatial axes); its variance "
+            f"is meaningless. Did you mean LayerNorm or BatchNorm?",
+        )
+    cfg = stats_config(norm, reduce_axes, sig)
+    return broadcast_shape(sig.ndim, feature_axes, features), used, cfg
 
 
 instance_norm = functional(

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from bn_jax._core import checks
 from bn_jax._core.memory_efficient import layer_norm_saving_output
-from bn_jax._core.normalize import batch_normalize
+from bn_jax._core.normalize import StatsConfig, batch_normalize
 from bn_jax.norms._common import (
     Initializer,
     Mask,
     Params,
+    Signature,
     State,
-    check_example_call,
-    check_example_fields,
+    broadcast_shape,
+    check_call,
+    check_common,
+    check_features,
+    check_saving_output,
     feature_shape,
+    freeze,
     functional,
-    init_params,
-    out_dtype,
+    init_affine,
     stats_config,
 )
 
@@ -88,24 +94,47 @@ class LayerNorm:
     memory_efficient: bool = False
 
     def __post_init__(self) -> None:
-        check_example_fields(self)
+        check_common(self)
+        freeze(
+            self,
+            reduction_axes=checks.canonical_axis(self.reduction_axes, "reduction_axes"),
+            feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"),
+        )
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})``; see :meth:`Normalizer.init`."""
         shape = feature_shape(features, self.feature_axes, "LayerNorm", "feature_axes")
-        return init_params(self, shape, key), {}
+        params = init_affine(self, shape, key)
+        return params, {}
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
         """Normalizes each example over ``reduction_axes``; ``state`` (``{}``) is returned
         unchanged and ``training`` has no effect. See :meth:`Normalizer.apply`."""
-        x, reduce_axes, aff, mask = check_example_call(self, params, x, training, mask)
-        cfg = stats_config(self, reduce_axes, out_dtype(self, x))
+        x, mask, sig = check_call(
+            "LayerNorm", params, state, x, mask, training, self.axis_name, self.axis_index_groups
+        )
+        pshape, used, cfg = _layout(self, sig)
+        scale, bias = (params[n].reshape(pshape) if n in used else None for n in ("scale", "bias"))
         if self.memory_efficient:
-            return layer_norm_saving_output(x, aff.scale, aff.bias, mask, cfg), state
-        y, _, _, _ = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
-        return y, state
+            return layer_norm_saving_output(x, scale, bias, mask, cfg), state
+        return batch_normalize(x, scale, bias, mask, cfg)[0], state
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(
+    norm: LayerNorm, sig: Signature
+) -> tuple[tuple[int, ...], tuple[str, ...], StatsConfig]:
+    reduce_axes = checks.resolve_axes(norm.reduction_axes, sig.ndim, "reduction_axes")
+    feature_axes = checks.resolve_axes(norm.feature_axes, sig.ndim, "feature_axes")
+    check_saving_output("LayerNorm", norm.memory_efficient, sig)
+    used = tuple(n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use)
+    features = check_features(
+        "LayerNorm", sig, feature_axes, used, axis_arg="feature_axes", axis=norm.feature_axes
+    )
+    cfg = stats_config(norm, reduce_axes, sig)
+    return broadcast_shape(sig.ndim, feature_axes, features), used, cfg
 
 
 layer_norm = functional(

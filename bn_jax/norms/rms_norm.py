@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -14,58 +14,24 @@ from jax import lax
 from bn_jax._core import checks
 from bn_jax._core.memory_efficient import rms_norm_saving_output
 from bn_jax._core.normalize import StatsConfig
-from bn_jax._core.stats import group_sum
+from bn_jax._core.stats import mean_square
 from bn_jax.norms._common import (
     Initializer,
     Mask,
     Params,
+    Signature,
     State,
-    check_example_call,
-    check_example_fields,
+    broadcast_shape,
+    check_call,
+    check_common,
+    check_features,
+    check_saving_output,
     feature_shape,
+    freeze,
     functional,
     init_params,
     out_dtype,
 )
-
-
-def rms_normalize(
-    x: jax.Array,
-    scale: jax.Array | None,
-    mask: jax.Array | None,
-    *,
-    axes: tuple[int, ...],
-    epsilon: float,
-    out_dtype: Any,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-) -> jax.Array:
-    """``x * rsqrt(mean(x**2) + epsilon) * scale`` with the mean over ``axes``.
-
-    Reduced in at least float32; with ``mask`` only True elements enter the
-    mean; with ``axis_name`` the sum of squares and the count are summed over
-    the devices in one collective. Differentiated by JAX (the formula is
-    already one reduction and one elementwise pass each way).
-    """
-    dt = checks.stat_dtype(x.dtype)
-    xf = x.astype(dt)
-    sq = xf * xf
-    if mask is None:
-        ss = jnp.sum(sq, axes, keepdims=True)
-        n = jnp.asarray(math.prod(x.shape[a] for a in axes), dt)
-    else:
-        mask = jnp.broadcast_to(mask, x.shape)
-        ss = jnp.sum(jnp.where(mask, sq, 0), axes, keepdims=True)
-        n = jnp.sum(mask, axes, keepdims=True, dtype=dt)
-    if axis_name is not None:
-        n = jnp.broadcast_to(n, ss.shape)
-        ss, n = group_sum(jnp.stack([ss, n]), axis_name, axis_index_groups)
-    # A row with no valid element is passed through (mean square 1), not amplified.
-    ms = ss / n if mask is None else jnp.where(n > 0, ss / jnp.maximum(n, 1), 1.0)
-    y = xf * lax.rsqrt(ms + epsilon)
-    if scale is not None:
-        y = y * scale.astype(dt)
-    return y.astype(out_dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,12 +89,19 @@ class RMSNorm:
     memory_efficient: bool = False
 
     def __post_init__(self) -> None:
-        check_example_fields(self)
+        check_common(self)
+        freeze(
+            self,
+            reduction_axes=checks.canonical_axis(self.reduction_axes, "reduction_axes"),
+            feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"),
+        )
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``({"scale"}, {})``; see :meth:`Normalizer.init`."""
         shape = feature_shape(features, self.feature_axes, "RMSNorm", "feature_axes")
-        return init_params(self, shape, key), {}
+        return init_params(
+            shape, key, self.param_dtype, scale=self.scale_init if self.use_scale else None
+        ), {}
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -136,27 +109,42 @@ class RMSNorm:
         """Rescales each example by its root mean square over ``reduction_axes``; ``state``
         (``{}``) is returned unchanged and ``training`` has no effect. See
         :meth:`Normalizer.apply`."""
-        x, reduce_axes, aff, mask = check_example_call(self, params, x, training, mask)
-        if self.memory_efficient:
-            cfg = StatsConfig(
-                axes=reduce_axes,
-                epsilon=float(self.epsilon),
-                out_dtype=out_dtype(self, x),
-                axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups,
-            )
-            return rms_norm_saving_output(x, aff.scale, mask, cfg), state
-        y = rms_normalize(
-            x,
-            aff.scale,
-            mask,
-            axes=reduce_axes,
-            epsilon=float(self.epsilon),
-            out_dtype=out_dtype(self, x),
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
+        x, mask, sig = check_call(
+            "RMSNorm", params, state, x, mask, training, self.axis_name, self.axis_index_groups
         )
-        return y, state
+        pshape, cfg = _layout(self, sig)
+        scale = params["scale"].reshape(pshape) if self.use_scale else None
+        if self.memory_efficient:
+            return rms_norm_saving_output(x, scale, mask, cfg), state
+        # Differentiated by JAX: the formula is already one reduction and one
+        # elementwise pass each way.
+        ms, _ = mean_square(
+            x, cfg.axes, mask, axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups
+        )
+        dt = checks.stat_dtype(x.dtype)  # complex for complex input
+        y = x.astype(dt) * lax.rsqrt(ms + cfg.epsilon).astype(dt)
+        if scale is not None:
+            y = y * scale.astype(dt)
+        return y.astype(cfg.out_dtype), state
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(norm: RMSNorm, sig: Signature) -> tuple[tuple[int, ...], StatsConfig]:
+    reduce_axes = checks.resolve_axes(norm.reduction_axes, sig.ndim, "reduction_axes")
+    feature_axes = checks.resolve_axes(norm.feature_axes, sig.ndim, "feature_axes")
+    check_saving_output("RMSNorm", norm.memory_efficient, sig)
+    used = ("scale",) if norm.use_scale else ()
+    features = check_features(
+        "RMSNorm", sig, feature_axes, used, axis_arg="feature_axes", axis=norm.feature_axes
+    )
+    cfg = StatsConfig(
+        reduce_axes,
+        float(norm.epsilon),
+        out_dtype(norm.dtype, sig),
+        norm.axis_name,
+        norm.axis_index_groups,
+    )
+    return broadcast_shape(sig.ndim, feature_axes, features), cfg
 
 
 rms_norm = functional(RMSNorm, "rms_norm", "y, _ = bn_jax.rms_norm(params, {}, x, training=True)")

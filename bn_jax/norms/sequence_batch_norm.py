@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,36 +12,34 @@ import numpy as np
 from jax import lax
 
 from bn_jax._core import checks
-from bn_jax._core.normalize import affine, batch_normalize
+from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax._core.running import update_running
 from bn_jax.norms._common import (
-    Affine,
-    Initializer,
+    BatchFields,
     Mask,
     Params,
+    Signature,
     State,
-    batch_mask,
     check_batch_fields,
+    check_batch_values,
+    check_call,
+    check_features,
     check_int,
+    check_real,
     check_state_keys,
-    check_training,
-    check_x,
-    checked_affine,
     feature_shape,
     freeze,
     functional_doc,
-    init_params,
-    init_running,
+    init_batch,
     normalize_with,
     other_axes,
-    out_dtype,
     running_keys,
     stats_config,
-    update_state,
 )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SequenceBatchNorm:
+class SequenceBatchNorm(BatchFields):
     r"""Recurrent Batch Normalization: separate statistics for every time step.
 
     For an input with a time axis (``[batch, time, features]`` by default),
@@ -108,21 +106,6 @@ class SequenceBatchNorm:
     A. Courville, "Recurrent Batch Normalization", ICLR 2017 (arXiv 2016).
     """
 
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    axis: int | tuple[int, ...] = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = jax.nn.initializers.ones
-    bias_init: Initializer = jax.nn.initializers.zeros
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_fast_variance: bool = False
-    unbiased_running_var: bool = False
-    allow_single_value: bool = False
-    count_skipped: bool = False
     max_steps: int
     time_axis: int = 1
 
@@ -141,11 +124,9 @@ class SequenceBatchNorm:
         :meth:`Normalizer.init`).
         """
         if hasattr(features, "shape") and hasattr(features, "ndim"):
-            _layout(self, features.ndim, step_mode=False)  # checks time_axis vs axis
-        shape = feature_shape(features, self.axis, "SequenceBatchNorm")
-        one = init_running(self, shape)
-        state = {k: jnp.repeat(v[None], self.max_steps, 0) for k, v in one.items()}
-        return init_params(self, shape, key), state
+            _axes(self, features.ndim, step_mode=False)  # checks time_axis vs axis
+        params, one = init_batch(self, feature_shape(features, self.axis, "SequenceBatchNorm"), key)
+        return params, {k: jnp.repeat(v[None], self.max_steps, 0) for k, v in one.items()}
 
     def apply(
         self,
@@ -175,41 +156,75 @@ class SequenceBatchNorm:
             ``allow_single_value``).
           TypeError: also for a non-integer ``step``.
         """
-        training, x = check_training(training, "SequenceBatchNorm"), check_x(x)
-        time, feature_axes = _layout(self, x.ndim, step_mode=step is not None)
-        if step is not None:  # the feature axes of the step, without the time axis
-            feature_axes = tuple(a - (a > time) for a in feature_axes)
-        aff = checked_affine(self, params, x, feature_axes, "axis")
-        check_state_keys(state, running_keys(self), "SequenceBatchNorm")
-        for name in ("mean", "var"):
-            if tuple(state[name].shape) != (self.max_steps, *aff.shape):
-                raise ValueError(
-                    f"SequenceBatchNorm: state[{name!r}] has shape {tuple(state[name].shape)} "
-                    f"but max_steps={self.max_steps} and the feature shape {aff.shape} need "
-                    f"{(self.max_steps, *aff.shape)}; build the state with "
-                    f"SequenceBatchNorm.init."
-                )
-        out = out_dtype(self, x)
+        x, mask, sig = check_call(
+            "SequenceBatchNorm",
+            params,
+            state,
+            x,
+            mask,
+            training,
+            self.axis_name,
+            self.axis_index_groups,
+            sync_in_eval=False,  # evaluation uses the running statistics
+        )
+        lay = _layout(self, sig, step is not None)
+        scale, bias = (
+            params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
+        )
         if step is not None:
-            return _apply_step(self, state, x, aff, feature_axes, out, mask, step, training)
-        steps = x.shape[time]
+            return _apply_step(self, lay, state, x, scale, bias, mask, step, training)
+        steps = x.shape[lay.time]
         if not training:
             slots = np.minimum(np.arange(steps), self.max_steps - 1)
-            mean = _place(state["mean"][slots], x.ndim, (time, *feature_axes))
-            var = _place(state["var"][slots], x.ndim, (time, *feature_axes))
-            inv = lax.rsqrt(var + jnp.asarray(self.epsilon, var.dtype))
-            return affine(x, mean, inv, aff.scale, aff.bias, out), state
-        reduce_axes = other_axes(x.ndim, (time, *feature_axes))
-        mask = batch_mask(self, x.shape, reduce_axes, mask)
-        cfg = stats_config(self, reduce_axes, out)
-        y, *stats = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
+            mean, var = (_place(state[n][slots], x.ndim, lay.time_axes) for n in ("mean", "var"))
+            return normalize_with(x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype), state
+        y, *stats = batch_normalize(x, scale, bias, mask, lay.cfg)
         k = min(steps, self.max_steps)  # steps past max_steps leave the state alone
-        stats = tuple(_take(v, (time, *feature_axes))[:k] for v in stats)
-        new = update_state(self, {n: v[:k] for n, v in state.items()}, stats, (k, *aff.shape))
+        stats = [_take(v, lay.time_axes)[:k] for v in stats]
+        new = update_running(
+            {n: v[:k] for n, v in state.items()},
+            *stats,
+            momentum=self.momentum,
+            unbiased=self.unbiased_running_var,
+        )
         return y, {name: jnp.asarray(state[name]).at[:k].set(new[name]) for name in state}
 
 
-def _layout(norm: SequenceBatchNorm, ndim: int, *, step_mode: bool) -> tuple[int, tuple[int, ...]]:
+class _Layout(NamedTuple):
+    time: int  # the time axis of the whole sequence
+    time_axes: tuple[int, ...]  # (time, *feature axes) of the whole sequence
+    pshape: tuple[int, ...]  # the features broadcastable against x
+    used: tuple[str, ...]  # the parameters in use
+    cfg: StatsConfig
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(norm: SequenceBatchNorm, sig: Signature, step_mode: bool) -> _Layout:
+    layer = "SequenceBatchNorm"
+    time, feature_axes = _axes(norm, sig.ndim, step_mode=step_mode)
+    if step_mode:  # the feature axes of the step, without the time axis
+        feature_axes = tuple(a - (a > time) for a in feature_axes)
+    check_real(layer, sig)
+    used = tuple(n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use)
+    features = check_features(layer, sig, feature_axes, used, axis_arg="axis", axis=norm.axis)
+    check_state_keys(layer, sig.state, running_keys(norm.momentum, norm.count_skipped))
+    state = dict(sig.state)
+    for name in ("mean", "var"):
+        if state[name] != (norm.max_steps, *features):
+            raise ValueError(
+                f"{layer}: state[{name!r}] has shape {state[name]} but max_steps="
+                f"{norm.max_steps} and the feature shape {features} need "
+                f"{(norm.max_steps, *features)}; build the state with {layer}.init."
+            )
+    time_axes = (time, *feature_axes)
+    reduce_axes = other_axes(sig.ndim, feature_axes if step_mode else time_axes)
+    check_batch_values(norm, layer, sig, reduce_axes)
+    cfg = stats_config(norm, reduce_axes, sig)
+    pshape = tuple(sig.shape[a] if a in feature_axes else 1 for a in range(sig.ndim))
+    return _Layout(time, time_axes, pshape, used, cfg)
+
+
+def _axes(norm: SequenceBatchNorm, ndim: int, *, step_mode: bool) -> tuple[int, tuple[int, ...]]:
     """(time axis, feature axes) of the full sequence layout of an input of rank ``ndim``."""
     full = ndim + 1 if step_mode else ndim
     if not -full <= norm.time_axis < full:
@@ -234,11 +249,11 @@ def _layout(norm: SequenceBatchNorm, ndim: int, *, step_mode: bool) -> tuple[int
 
 def _apply_step(
     norm: SequenceBatchNorm,
+    lay: _Layout,
     state: State,
     x: jax.Array,
-    aff: Affine,
-    feature_axes: tuple[int, ...],
-    out: jnp.dtype,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
     mask: Mask,
     step: Any,
     training: bool,
@@ -248,14 +263,10 @@ def _apply_step(
     slot = jnp.clip(step, 0, norm.max_steps - 1)
     old = {n: lax.dynamic_index_in_dim(v, slot, 0, keepdims=False) for n, v in state.items()}
     if not training:
-        return normalize_with(
-            x, old["mean"], old["var"], aff, feature_axes, norm.epsilon, out
-        ), state
-    reduce_axes = other_axes(x.ndim, feature_axes)
-    mask = batch_mask(norm, x.shape, reduce_axes, mask)
-    cfg = stats_config(norm, reduce_axes, out)
-    y, *stats = batch_normalize(x, aff.scale, aff.bias, mask, cfg)
-    new = update_state(norm, old, stats, aff.shape)
+        mean, var = (old[n].reshape(lay.pshape) for n in ("mean", "var"))
+        return normalize_with(x, mean, var, scale, bias, norm.epsilon, lay.cfg.out_dtype), state
+    y, *stats = batch_normalize(x, scale, bias, mask, lay.cfg)
+    new = update_running(old, *stats, momentum=norm.momentum, unbiased=norm.unbiased_running_var)
     in_range = (step >= 0) & (step < norm.max_steps)
     return y, {
         name: lax.dynamic_update_index_in_dim(v, jnp.where(in_range, new[name], old[name]), slot, 0)
