@@ -47,12 +47,16 @@ from flax.linen import dtypes
 import bn_jax
 from bn_jax import _layers
 from bn_jax._linen_tools import fold, recalibrate
-from bn_jax.norms._common import Initializer
+from bn_jax.norms._common import Initializer, centered_scale_init
 from bn_jax.norms.batch_renorm import Schedule
+from bn_jax.norms.filter_response_norm import default_eps_init
 
 __all__ = [
     "BatchNorm",
     "BatchRenorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",
@@ -103,12 +107,14 @@ class LayerNorm(nn.LayerNorm):
 
     Flax's fields, order and defaults (except the stable
     ``use_fast_variance=False``), call arguments and variables; then
-    ``memory_efficient`` (a backward pass computed from the output, see
-    :class:`bn_jax.LayerNorm`).
+    ``memory_efficient`` (a backward pass computed from the output) and
+    ``zero_centered_scale`` (multiply by ``1 + scale``, ``scale`` starting at 0);
+    see :class:`bn_jax.LayerNorm`.
     """
 
     use_fast_variance: bool = False
     memory_efficient: bool = False
+    zero_centered_scale: bool = False
 
     @nn.compact
     def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
@@ -121,13 +127,15 @@ class RMSNorm(nn.RMSNorm):
     :class:`bn_jax.RMSNorm`.
 
     Flax's fields, order and defaults, call arguments and variables; then
-    ``memory_efficient`` (a backward pass computed from the output, see
-    :class:`bn_jax.RMSNorm`). ``use_fast_variance`` is kept for Flax's
+    ``memory_efficient`` (a backward pass computed from the output) and
+    ``zero_centered_scale`` (multiply by ``1 + scale``, ``scale`` starting at 0);
+    see :class:`bn_jax.RMSNorm`. ``use_fast_variance`` is kept for Flax's
     signature (an RMS has no mean to subtract).
     """
 
     use_fast_variance: bool = False
     memory_efficient: bool = False
+    zero_centered_scale: bool = False
 
     @nn.compact
     def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
@@ -274,6 +282,76 @@ class SequenceBatchNorm(_BatchFields):
         return _call(self, bn_jax.SequenceBatchNorm, x, not use_ra, mask, step=step)
 
 
+class FilterResponseNorm(nn.Module):
+    """Filter Response Normalization with the TLU as a ``flax.linen`` module, computed by
+    :class:`bn_jax.FilterResponseNorm` (same fields; parameters ``scale``, ``bias``,
+    ``tau`` and, with ``learned_epsilon``, ``eps``)."""
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    use_bias: bool = True
+    use_tau: bool = True
+    learned_epsilon: bool = False
+    scale_init: Initializer = jax.nn.initializers.ones
+    bias_init: Initializer = jax.nn.initializers.zeros
+    tau_init: Initializer = jax.nn.initializers.zeros
+    eps_init: Initializer = default_eps_init
+    feature_axes: int | tuple[int, ...] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+
+    @nn.compact
+    def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes each channel of each example of ``x``, then applies the TLU."""
+        return _call(self, bn_jax.FilterResponseNorm, x, True, mask)
+
+
+class EvoNormB0(_BatchFields):
+    """EvoNorm-B0 as a ``flax.linen`` module, computed by :class:`bn_jax.EvoNormB0`
+    (same fields, plus ``use_running_average``; parameters ``scale``, ``bias``, ``v``;
+    ``batch_stats``: ``var``)."""
+
+    v_init: Initializer = jax.nn.initializers.ones
+
+    @nn.compact
+    def __call__(
+        self, x: Any, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x`` with the batch variance (updating the running one), or the
+        running variance when ``use_running_average``."""
+        use_ra = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        return _call(self, bn_jax.EvoNormB0, x, not use_ra, mask)
+
+
+class EvoNormS0(nn.Module):
+    """EvoNorm-S0 as a ``flax.linen`` module, computed by :class:`bn_jax.EvoNormS0`
+    (same fields; parameters ``scale``, ``bias``, ``v``)."""
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = jax.nn.initializers.ones
+    bias_init: Initializer = jax.nn.initializers.zeros
+    v_init: Initializer = jax.nn.initializers.ones
+    feature_axis: int = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    use_fast_variance: bool = False
+
+    @nn.compact
+    def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
+        """Applies EvoNorm-S0 to each example of ``x``."""
+        return _call(self, bn_jax.EvoNormS0, x, True, mask)
+
+
 # The Flax layers bn_jax computes, and the normalizer of each.
 _NORMALIZERS: dict[type[nn.Module], type] = {
     nn.BatchNorm: bn_jax.BatchNorm,
@@ -312,6 +390,8 @@ def _call(module: Any, cls: Any, x: Any, training: bool, mask: Any, **kwargs: An
             params[name] = meta.unbox(module.get_variable("params", name))
         else:
             init = getattr(module, f"{name}_init")
+            if name == "scale":
+                init = centered_scale_init(init, getattr(module, "zero_centered_scale", False))
             params[name] = module.param(name, init, spec.shape, spec.dtype)
     float32_stats = getattr(module, "force_float32_reductions", True)
     stats = {
@@ -338,7 +418,14 @@ def _initial(norm: Any, x: jax.Array, name: str, float32_stats: bool) -> jax.Arr
     return value
 
 
-_FAMILY = (BatchRenorm, GhostBatchNorm, SequenceBatchNorm)
+_FAMILY = (
+    BatchRenorm,
+    GhostBatchNorm,
+    SequenceBatchNorm,
+    FilterResponseNorm,
+    EvoNormB0,
+    EvoNormS0,
+)
 
 
 @contextlib.contextmanager

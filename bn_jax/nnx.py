@@ -38,6 +38,7 @@ deliberate differences from Flax are listed in the documentation's Flax page.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Hashable, Mapping, Sequence
 from types import MappingProxyType
@@ -54,12 +55,16 @@ from flax.typing import Dtype, PromoteDtypeFn
 import bn_jax
 from bn_jax import _layers
 from bn_jax._nnx_tools import fold, recalibrate
-from bn_jax.norms._common import Initializer
+from bn_jax.norms._common import Initializer, centered_scale_init
 from bn_jax.norms.batch_renorm import Schedule
+from bn_jax.norms.filter_response_norm import default_eps_init
 
 __all__ = [
     "BatchNorm",
     "BatchRenorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",
@@ -166,7 +171,8 @@ class LayerNorm(nnx.LayerNorm):
 
     Flax's constructor arguments, order and defaults (except the stable
     ``use_fast_variance=False``), call arguments, attributes and variables;
-    then, keyword-only, ``memory_efficient`` (see :class:`bn_jax.LayerNorm`).
+    then, keyword-only, ``memory_efficient`` and ``zero_centered_scale`` (see
+    :class:`bn_jax.LayerNorm`).
     """
 
     def __init__(
@@ -190,6 +196,7 @@ class LayerNorm(nnx.LayerNorm):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
         memory_efficient: bool = False,
+        zero_centered_scale: bool = False,
     ) -> None:
         super().__init__(
             num_features,
@@ -199,7 +206,7 @@ class LayerNorm(nnx.LayerNorm):
             use_bias=use_bias,
             use_scale=use_scale,
             bias_init=bias_init,
-            scale_init=scale_init,
+            scale_init=centered_scale_init(scale_init, zero_centered_scale),
             reduction_axes=reduction_axes,
             feature_axes=feature_axes,
             axis_name=axis_name,
@@ -211,6 +218,7 @@ class LayerNorm(nnx.LayerNorm):
             scale_metadata=scale_metadata,
         )
         self.memory_efficient = memory_efficient
+        self.zero_centered_scale = zero_centered_scale
         _add_variables(self, bn_jax.LayerNorm, num_features)
 
     def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
@@ -223,8 +231,8 @@ class RMSNorm(nnx.RMSNorm):
     :class:`bn_jax.RMSNorm`.
 
     Flax's constructor arguments, order and defaults, call arguments,
-    attributes and variables; then, keyword-only, ``memory_efficient`` (see
-    :class:`bn_jax.RMSNorm`). ``use_fast_variance`` is kept for Flax's
+    attributes and variables; then, keyword-only, ``memory_efficient`` and
+    ``zero_centered_scale`` (see :class:`bn_jax.RMSNorm`). ``use_fast_variance`` is kept for Flax's
     signature (an RMS has no mean to subtract).
     """
 
@@ -246,6 +254,7 @@ class RMSNorm(nnx.RMSNorm):
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
         memory_efficient: bool = False,
+        zero_centered_scale: bool = False,
     ) -> None:
         super().__init__(
             num_features,
@@ -253,7 +262,7 @@ class RMSNorm(nnx.RMSNorm):
             dtype=dtype,
             param_dtype=param_dtype,
             use_scale=use_scale,
-            scale_init=scale_init,
+            scale_init=centered_scale_init(scale_init, zero_centered_scale),
             reduction_axes=reduction_axes,
             feature_axes=feature_axes,
             axis_name=axis_name,
@@ -264,6 +273,7 @@ class RMSNorm(nnx.RMSNorm):
             scale_metadata=scale_metadata,
         )
         self.memory_efficient = memory_efficient
+        self.zero_centered_scale = zero_centered_scale
         _add_variables(self, bn_jax.RMSNorm, num_features)
 
     def __call__(self, x: Any, mask: jax.Array | None = None) -> jax.Array:
@@ -548,6 +558,126 @@ class SequenceBatchNorm(nnx.Module):
     set_view = _set_view
 
 
+class FilterResponseNorm(nnx.Module):
+    """Filter Response Normalization with the TLU as a ``flax.nnx`` module, computed by
+    :class:`bn_jax.FilterResponseNorm` (its options, plus ``num_features``, ``rngs``
+    and ``<param>_metadata``; ``Param`` s ``scale``, ``bias``, ``tau`` and, with
+    ``learned_epsilon``, ``eps``)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        use_tau: bool = True,
+        learned_epsilon: bool = False,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        tau_init: Initializer = jax.nn.initializers.zeros,
+        eps_init: Initializer = default_eps_init,
+        feature_axes: int | tuple[int, ...] = -1,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        tau_metadata: Mapping[str, Any] = _NO_METADATA,
+        eps_metadata: Mapping[str, Any] = _NO_METADATA,
+    ) -> None:
+        _set_options(self, locals())
+        _add_variables(self, bn_jax.FilterResponseNorm, num_features, rngs, locals())
+
+    def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes each channel of each example of ``x``, then applies the TLU."""
+        return _call(self, bn_jax.FilterResponseNorm, x, True, mask)
+
+
+class EvoNormB0(nnx.Module):
+    """EvoNorm-B0 as a ``flax.nnx`` module, computed by :class:`bn_jax.EvoNormB0` (its
+    options, plus ``num_features``, ``use_running_average``, ``rngs`` and
+    ``<param>_metadata``; ``Param`` s ``scale``, ``bias``, ``v``; ``BatchStat``
+    ``var``)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        axis: int | tuple[int, ...] = -1,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        v_init: Initializer = jax.nn.initializers.ones,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_fast_variance: bool = False,
+        unbiased_running_var: bool = False,
+        allow_single_value: bool = True,
+        count_skipped: bool = False,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        v_metadata: Mapping[str, Any] = _NO_METADATA,
+    ) -> None:
+        _set_options(self, locals())
+        _add_variables(self, bn_jax.EvoNormB0, num_features, rngs, locals())
+
+    def __call__(
+        self, x: Any, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x`` with the batch variance (updating the running one), or the
+        running variance when ``use_running_average``."""
+        use_ra = _mode(self, use_running_average)
+        return _call(self, bn_jax.EvoNormB0, x, not use_ra, mask)
+
+    set_view = _set_view
+
+
+class EvoNormS0(nnx.Module):
+    """EvoNorm-S0 as a ``flax.nnx`` module, computed by :class:`bn_jax.EvoNormS0` (its
+    options, plus ``num_features``, ``rngs`` and ``<param>_metadata``; ``Param`` s
+    ``scale``, ``bias``, ``v``)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        v_init: Initializer = jax.nn.initializers.ones,
+        feature_axis: int = -1,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        use_fast_variance: bool = False,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        v_metadata: Mapping[str, Any] = _NO_METADATA,
+    ) -> None:
+        _set_options(self, locals())
+        _add_variables(self, bn_jax.EvoNormS0, num_features, rngs, locals())
+
+    def __call__(self, x: Any, *, mask: jax.Array | None = None) -> jax.Array:
+        """Applies EvoNorm-S0 to each example of ``x``."""
+        return _call(self, bn_jax.EvoNormS0, x, True, mask)
+
+
 # The Flax layers bn_jax computes: the drop-in and the normalizer of each.
 _DROP_INS: dict[type[nnx.Module], tuple[type[nnx.Module], type]] = {
     nnx.BatchNorm: (BatchNorm, bn_jax.BatchNorm),
@@ -560,6 +690,9 @@ _FAMILY: dict[type[nnx.Module], type] = {
     BatchRenorm: bn_jax.BatchRenorm,
     GhostBatchNorm: bn_jax.GhostBatchNorm,
     SequenceBatchNorm: bn_jax.SequenceBatchNorm,
+    FilterResponseNorm: bn_jax.FilterResponseNorm,
+    EvoNormB0: bn_jax.EvoNormB0,
+    EvoNormS0: bn_jax.EvoNormS0,
 }
 # Flax's nnx BatchNorm passes its running statistics through promote_dtype too.
 _PROMOTES_STATS = (nnx.BatchNorm,)
@@ -599,6 +732,15 @@ def _call(module: Any, cls: Any, x: Any, training: bool, mask: Any, **kwargs: An
         for name, v in stats.items():
             v[...] = _layers.stored(new[name], v[...])
     return y
+
+
+@functools.cache
+def _param_names(cls: type) -> tuple[str, ...]:
+    """Every parameter the normalizer ``cls`` may have (one per ``*_init`` field), in
+    creation order: ``scale``, ``bias``, then the others (``tau``, ``v``, ``eps``)."""
+    names = [f.name[: -len("_init")] for f in dataclasses.fields(cls) if f.name.endswith("_init")]
+    first = ("scale", "bias") if _has_bias(cls) else ("scale",)
+    return (*first, *(n for n in names if n not in first))
 
 
 @functools.cache
@@ -646,7 +788,7 @@ def _add_variables(
     changes = {"group_size": None} if cls is bn_jax.GroupNorm else {}
     norm = _layers.normalizer(cls, module, changes)  # raises for invalid options
     params, state = norm.init(num_features)
-    for name in ("scale", "bias") if _has_bias(cls) else ("scale",):
+    for name in _param_names(cls):
         if name in vars(module):
             continue
         if name not in params:

@@ -69,6 +69,12 @@ def _affine(params):
     return params.get("scale"), params.get("bias")
 
 
+def _scale(params, config):
+    """The multiplier of the layer: ``1 + scale`` with ``zero_centered_scale``."""
+    scale = params.get("scale")
+    return scale + 1 if scale is not None and config.get("zero_centered_scale") else scale
+
+
 def _eps(config, default):
     return config.get("epsilon", default)
 
@@ -225,11 +231,15 @@ NORMALIZERS: dict[str, Entry] = {
         bn_jax.layer_norm,
         {},
         "feature_axes",
-        lambda x, p, cfg: (ref.layer_norm(x, *_affine(p), eps=_eps(cfg, 1e-6)), {}),
+        lambda x, p, cfg: (
+            ref.layer_norm(x, _scale(p, cfg), p.get("bias"), eps=_eps(cfg, 1e-6)),
+            {},
+        ),
         lambda config: {},
         variants={
             "two_axes": (TWO_AXES, False),
             "memory_efficient": ({"memory_efficient": True}, False),
+            "zero_centered": ({"zero_centered_scale": True}, False),
         },
         split=("reduced", TWO_AXES),
     ),
@@ -238,11 +248,12 @@ NORMALIZERS: dict[str, Entry] = {
         bn_jax.rms_norm,
         {},
         "feature_axes",
-        lambda x, p, cfg: (ref.rms_norm(x, p.get("scale"), eps=_eps(cfg, 1e-6)), {}),
+        lambda x, p, cfg: (ref.rms_norm(x, _scale(p, cfg), eps=_eps(cfg, 1e-6)), {}),
         lambda config: {},
         variants={
             "two_axes": (TWO_AXES, False),
             "memory_efficient": ({"memory_efficient": True}, False),
+            "zero_centered": ({"zero_centered_scale": True}, False),
         },
         split=("reduced", TWO_AXES),
     ),

@@ -37,6 +37,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import bn_jax
+from tests import registry
 from tests.devices import require_devices
 
 torch = pytest.importorskip("torch")
@@ -450,3 +451,117 @@ def test_frn_on_dense_features_is_close_to_sign_without_learned_epsilon():
 def test_errors_name_the_argument(build, want):
     with pytest.raises(ValueError, match=want):
         build()
+
+
+# ------------------------------------------------------------ Flax layers
+
+
+def test_flax_layers_use_every_initializer_and_nnx_metadata():
+    """Each parameter comes from its own ``*_init`` field (linen and nnx), nnx's
+    ``<param>_metadata`` reaches it, and B0's running variance is a ``BatchStat``."""
+    from flax import nnx
+
+    from bn_jax import linen as bnn
+    from bn_jax import nnx as bnnx
+
+    x = jnp.ones((2, 3, 3, 4))
+    const = jax.nn.initializers.constant
+    inits = {
+        "FilterResponseNorm": {"tau_init": const(0.7), "eps_init": const(0.2)},
+        "EvoNormB0": {"v_init": const(2.0)},
+        "EvoNormS0": {"v_init": const(3.0), "num_groups": 2},
+    }
+    extra = {"FilterResponseNorm": {"learned_epsilon": True}, "EvoNormB0": {}, "EvoNormS0": {}}
+    for name, kw in inits.items():
+        want = {k.removesuffix("_init"): v(None, (4,)) for k, v in kw.items() if "_init" in k}
+        module = getattr(bnn, name)(**kw, **extra[name])
+        train = {"use_running_average": False} if name == "EvoNormB0" else {}
+        variables = module.init(jax.random.key(0), x, **train)
+        for k, v in want.items():
+            np.testing.assert_array_equal(variables["params"][k], v, err_msg=f"linen {name} {k}")
+        metadata = {f"{k}_metadata": {"tag": k} for k in want}
+        layer = getattr(bnnx, name)(4, rngs=nnx.Rngs(0), **kw, **extra[name], **metadata)
+        for k, v in want.items():
+            np.testing.assert_array_equal(getattr(layer, k)[...], v, err_msg=f"nnx {name} {k}")
+            assert getattr(layer, k).get_metadata()["tag"] == k
+    layer = bnnx.EvoNormB0(4, rngs=nnx.Rngs(0))
+    assert set(nnx.state(layer, nnx.BatchStat)) == {"var"}
+    assert set(nnx.state(layer, nnx.Param)) == {"scale", "bias", "v"}
+
+
+# ------------------------------------------------------------ zero-centered scale
+
+
+ZERO_CENTERED = [
+    (name, memory_efficient)
+    for name in ("LayerNorm", "RMSNorm")
+    for memory_efficient in (False, True)
+]
+
+
+@pytest.mark.parametrize(("name", "memory_efficient"), ZERO_CENTERED)
+def test_zero_centered_scale_is_the_plain_layer_with_scale_plus_one(name, memory_efficient):
+    """``zero_centered_scale=True`` with stored ``scale`` gives the outputs and the
+    gradients (of ``x``, ``scale``, ``bias``) of the plain layer with ``scale + 1``;
+    ``init`` stores zeros (the default ``ones`` is the effective scale)."""
+    cls = getattr(bn_jax, name)
+    centered = cls(zero_centered_scale=True, memory_efficient=memory_efficient)
+    plain = cls(memory_efficient=memory_efficient)
+    params, _ = centered.init(6)
+    np.testing.assert_array_equal(params["scale"], np.zeros(6))
+    rng = np.random.default_rng(9)
+    params = {k: jnp.asarray(0.4 * rng.standard_normal(6), jnp.float32) for k in params}
+    shifted = {**params, "scale": params["scale"] + 1}
+    x = jnp.asarray(1.0 + 2.0 * rng.standard_normal((3, 4, 6)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def grads(norm, p):
+        def loss(p, x):
+            return jnp.sum(norm.apply(p, {}, x, training=True)[0] * g)
+
+        return jax.jit(jax.grad(loss, (0, 1)))(p, x)
+
+    (gp_c, gx_c), (gp_p, gx_p) = grads(centered, params), grads(plain, shifted)
+    y_c = jitted(centered, True)(params, {}, x)[0]
+    y_p = jitted(plain, True)(shifted, {}, x)[0]
+    np.testing.assert_array_equal(y_c, y_p)
+    entry = registry.NORMALIZERS[name]  # and the float64 formula with 1 + scale
+    y_ref, _ = entry.reference(np.asarray(x, np.float64), params, {"zero_centered_scale": True})
+    np.testing.assert_allclose(y_c, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx_c, gx_p, rtol=1e-6, atol=1e-6)
+    for k in params:
+        np.testing.assert_allclose(gp_c[k], gp_p[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    assert np.abs(np.asarray(gp_c["scale"])).max() > 0.1  # the gradients are not trivially 0
+
+
+def test_zero_centered_scale_in_the_flax_layers():
+    """The linen and nnx drop-ins store 0 and compute the core's zero-centered layer,
+    which a loaded Gemma-style checkpoint (stored scale) then reproduces; an explicit
+    ``scale_init`` initializes the stored value as given."""
+    from flax import nnx
+
+    from bn_jax import linen as bnn
+    from bn_jax import nnx as bnnx
+
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((2, 5)), jnp.float32)
+    stored = {"scale": jnp.linspace(-0.5, 0.5, 5)}
+    for name in ("LayerNorm", "RMSNorm"):
+        core = getattr(bn_jax, name)(zero_centered_scale=True)
+        p = {**core.init(5)[0], **stored}
+        want = core.apply(p, {}, x, training=True)[0]
+        module = getattr(bnn, name)(zero_centered_scale=True)
+        variables = module.init(jax.random.key(0), x)
+        np.testing.assert_array_equal(variables["params"]["scale"], np.zeros(5))
+        got = module.apply({"params": {**variables["params"], **stored}}, x)
+        np.testing.assert_array_equal(got, want)
+        layer = getattr(bnnx, name)(5, zero_centered_scale=True, rngs=nnx.Rngs(0))
+        np.testing.assert_array_equal(layer.scale[...], np.zeros(5))
+        layer.scale[...] = stored["scale"]
+        np.testing.assert_array_equal(layer(x), want)
+        custom = getattr(bnnx, name)(
+            5,
+            zero_centered_scale=True,
+            scale_init=jax.nn.initializers.constant(0.25),
+            rngs=nnx.Rngs(0),
+        )
+        np.testing.assert_array_equal(custom.scale[...], np.full(5, 0.25))

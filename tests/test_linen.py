@@ -352,6 +352,12 @@ MEMBERS: dict[str, tuple[dict[str, Any], tuple[int, ...], dict[str, Any]]] = {
     "GroupNorm": ({"num_groups": 2}, (2, 3, 4), {}),
     "LayerNorm": ({}, (2, 5), {}),
     "RMSNorm": ({}, (2, 5), {}),
+    "LayerNorm-zero_centered": ({"zero_centered_scale": True}, (2, 5), {}),
+    "RMSNorm-zero_centered": ({"zero_centered_scale": True}, (2, 5), {}),
+    "FilterResponseNorm": ({}, (2, 4, 4, 3), {}),
+    "FilterResponseNorm-learned_epsilon": ({"learned_epsilon": True}, (2, 4, 4, 3), {}),
+    "EvoNormB0": ({"momentum": 0.5}, (2, 4, 4, 3), {}),
+    "EvoNormS0": ({"num_groups": 3}, (2, 4, 4, 3), {}),
 }
 
 

@@ -183,6 +183,23 @@ def init_affine(norm: AffineFields, shape: tuple[int, ...], key: jax.Array | Non
     )
 
 
+def centered_scale_init(scale_init: Initializer, zero_centered_scale: bool) -> Initializer:
+    """The initializer of a stored ``scale``: with ``zero_centered_scale`` the layer
+    multiplies by ``1 + scale``, so the default ``ones`` becomes ``zeros`` (the same
+    starting layer); any other initializer is used as given, for the stored value."""
+    if zero_centered_scale and scale_init is jax.nn.initializers.ones:
+        return jax.nn.initializers.zeros
+    return scale_init
+
+
+def zero_centered(scale: jax.Array | None, zero_centered_scale: bool) -> jax.Array | None:
+    """The multiplier of a layer whose stored scale is ``scale``: ``1 + scale`` (in at
+    least float32) with ``zero_centered_scale``, else ``scale``."""
+    if scale is None or not zero_centered_scale:
+        return scale
+    return 1 + scale.astype(checks.stat_dtype(scale.dtype))
+
+
 def init_params(
     shape: tuple[int, ...], key: jax.Array | None, param_dtype: Any, **inits: Initializer | None
 ) -> Params:

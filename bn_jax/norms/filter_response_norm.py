@@ -33,7 +33,7 @@ from bn_jax.norms._common import (
 )
 
 
-def _initial_eps(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+def default_eps_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     """The learned epsilon's initial value, 1e-4 (TensorFlow Addons' FRN layer starts there)."""
     del key
     return jnp.full(shape, 1e-4, dtype)
@@ -107,7 +107,7 @@ class FilterResponseNorm:
     scale_init: Initializer = jax.nn.initializers.ones
     bias_init: Initializer = jax.nn.initializers.zeros
     tau_init: Initializer = jax.nn.initializers.zeros
-    eps_init: Initializer = _initial_eps
+    eps_init: Initializer = default_eps_init
     feature_axes: int | tuple[int, ...] = -1
     axis_name: Hashable | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None

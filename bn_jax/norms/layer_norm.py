@@ -20,6 +20,7 @@ from bn_jax.norms._common import (
     Signature,
     State,
     broadcast_shape,
+    centered_scale_init,
     check_call,
     check_common,
     check_features,
@@ -27,8 +28,9 @@ from bn_jax.norms._common import (
     feature_shape,
     freeze,
     functional,
-    init_affine,
+    init_params,
     stats_config,
+    zero_centered,
 )
 
 
@@ -39,7 +41,7 @@ class LayerNorm:
     For every example (every position outside ``reduction_axes``)::
 
         mu, var = mean(x), mean((x - mu)**2)        # over reduction_axes
-        y = (x - mu) / sqrt(var + epsilon) * scale + bias
+        y = (x - mu) / sqrt(var + epsilon) * scale + bias       # * (1 + scale): zero_centered_scale
 
     ``scale`` and ``bias`` have the shape of ``feature_axes``. There are no
     running statistics: ``state`` is ``{}`` and ``training`` is accepted (and
@@ -68,6 +70,11 @@ class LayerNorm:
         gradients equal to float rounding while ``|scale|`` is not tiny next
         to ``|bias|``; reverse mode only (``jax.jvp`` raises). See the
         memory-efficient page of the docs.
+      zero_centered_scale: multiply by ``1 + scale`` instead of ``scale``, with
+        ``scale`` starting at 0 (the default ``scale_init`` then gives zeros):
+        weight decay on ``scale`` pulls the layer towards the identity scale
+        rather than towards 0. Gemma's norms and NVIDIA Transformer Engine's
+        ``zero_centered_gamma`` store the scale this way.
 
     Example::
 
@@ -92,6 +99,7 @@ class LayerNorm:
     axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
     memory_efficient: bool = False
+    zero_centered_scale: bool = False
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -104,7 +112,15 @@ class LayerNorm:
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})``; see :meth:`Normalizer.init`."""
         shape = feature_shape(features, self.feature_axes, "LayerNorm", "feature_axes")
-        params = init_affine(self, shape, key)
+        params = init_params(
+            shape,
+            key,
+            self.param_dtype,
+            scale=centered_scale_init(self.scale_init, self.zero_centered_scale)
+            if self.use_scale
+            else None,
+            bias=self.bias_init if self.use_bias else None,
+        )
         return params, {}
 
     def apply(
@@ -117,6 +133,7 @@ class LayerNorm:
         )
         pshape, used, cfg = _layout(self, sig)
         scale, bias = (params[n].reshape(pshape) if n in used else None for n in ("scale", "bias"))
+        scale = zero_centered(scale, self.zero_centered_scale)
         if self.memory_efficient:
             return layer_norm_saving_output(x, scale, bias, mask, cfg), state
         return batch_normalize(x, scale, bias, mask, cfg)[0], state

@@ -22,6 +22,7 @@ from bn_jax.norms._common import (
     Signature,
     State,
     broadcast_shape,
+    centered_scale_init,
     check_call,
     check_common,
     check_features,
@@ -31,6 +32,7 @@ from bn_jax.norms._common import (
     functional,
     init_params,
     out_dtype,
+    zero_centered,
 )
 
 
@@ -41,6 +43,7 @@ class RMSNorm:
     For every example (every position outside ``reduction_axes``)::
 
         y = x / sqrt(mean(x**2) + epsilon) * scale     # mean over reduction_axes
+                                                       # * (1 + scale): zero_centered_scale
 
     There is no mean subtraction and no bias. No running statistics: ``state``
     is ``{}``; ``training`` is accepted and ignored.
@@ -66,6 +69,11 @@ class RMSNorm:
         matmul after a transformer's norm keeps ``y`` anyway). Same outputs,
         gradients equal to float rounding; reverse mode only (``jax.jvp``
         raises). See the memory-efficient page of the docs.
+      zero_centered_scale: multiply by ``1 + scale`` instead of ``scale``, with
+        ``scale`` starting at 0 (the default ``scale_init`` then gives zeros):
+        weight decay on ``scale`` pulls the layer towards the identity scale
+        rather than towards 0. Gemma's RMSNorm and NVIDIA Transformer
+        Engine's ``zero_centered_gamma`` store the scale this way.
 
     Example::
 
@@ -87,6 +95,7 @@ class RMSNorm:
     axis_name: Hashable | None = None
     axis_index_groups: Sequence[Sequence[int]] | None = None
     memory_efficient: bool = False
+    zero_centered_scale: bool = False
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -99,8 +108,9 @@ class RMSNorm:
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``({"scale"}, {})``; see :meth:`Normalizer.init`."""
         shape = feature_shape(features, self.feature_axes, "RMSNorm", "feature_axes")
+        scale_init = centered_scale_init(self.scale_init, self.zero_centered_scale)
         return init_params(
-            shape, key, self.param_dtype, scale=self.scale_init if self.use_scale else None
+            shape, key, self.param_dtype, scale=scale_init if self.use_scale else None
         ), {}
 
     def apply(
@@ -114,6 +124,7 @@ class RMSNorm:
         )
         pshape, cfg = _layout(self, sig)
         scale = params["scale"].reshape(pshape) if self.use_scale else None
+        scale = zero_centered(scale, self.zero_centered_scale)
         if self.memory_efficient:
             return rms_norm_saving_output(x, scale, mask, cfg), state
         # Differentiated by JAX: the formula is already one reduction and one
