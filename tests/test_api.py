@@ -90,7 +90,7 @@ def test_no_bare_assert_in_library_code():
 def test_import_does_not_load_flax_torch_or_extras():
     code = (
         "import sys, bn_jax\n"
-        "heavy = ('flax', 'torch', 'tqdm', 'matplotlib', 'optax', 'sklearn')\n"
+        "heavy = ('flax', 'equinox', 'torch', 'tqdm', 'matplotlib', 'optax', 'sklearn')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     out = subprocess.run(

@@ -15,7 +15,7 @@ import pytest
 
 EXAMPLES_DIR = pathlib.Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
-HEAVY = ("jax", "jaxlib", "flax", "optax", "numpy", "sklearn", "orbax", "tqdm", "bn_jax")
+HEAVY = ("jax", "jaxlib", "flax", "equinox", "optax", "numpy", "sklearn", "orbax", "tqdm", "bn_jax")
 
 # Runs the script as __main__ with the heavy modules made unimportable, so
 # that --help can only succeed if the script parses its arguments first.
