@@ -42,7 +42,7 @@ from bn_jax._core import checks
 from bn_jax._core.running import update_running
 from bn_jax._core.stats import Moments, moments, normalizing_var
 from bn_jax._model_tools import calls_of
-from bn_jax.norms._common import batch_layout, check_call, normalize_with
+from bn_jax.norms import _common
 
 __all__ = [
     "BatchNorm",
@@ -369,18 +369,9 @@ def _ema_call(
     if not training:
         y, _ = norm.apply(params, stats, x, training=False)
         return y, state
-    x, mask, sig = check_call(
-        "BatchNorm", params, stats, x, mask, True, norm.axis_name, norm.axis_index_groups
-    )
-    lay = batch_layout(norm, "BatchNorm", sig)  # the checks of a training call
-    m = moments(
-        x,
-        lay.cfg.axes,
-        mask,
-        fast_variance=norm.use_fast_variance,
-        axis_name=norm.axis_name,
-        axis_index_groups=norm.axis_index_groups,
-    )
+    x, mask, sig = _common.check_call(norm, params, stats, x, mask, True)
+    lay = _common.batch_layout(norm, "BatchNorm", sig)  # the checks of a training call
+    m = lay.cfg.moments(x, mask)
     shape = lay.features
     b_mean, b_var = m.mean.reshape(shape), normalizing_var(m, mask).reshape(shape)
     first = state.get(layer.ema_first_time_index)
@@ -390,7 +381,7 @@ def _ema_call(
     scale, bias = (
         params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
     )
-    y = normalize_with(
+    y = _common.normalize_with(
         x,
         mix_mean.reshape(lay.pshape),
         mix_var.reshape(lay.pshape),

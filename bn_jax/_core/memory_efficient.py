@@ -59,7 +59,7 @@ from jax import lax
 
 from bn_jax._core.checks import stat_dtype
 from bn_jax._core.normalize import StatsConfig, affine
-from bn_jax._core.stats import group_sum, mean_square, moments, normalizing_var
+from bn_jax._core.stats import group_sum, mean_square, normalizing_var
 
 
 def layer_norm_saving_output(
@@ -125,14 +125,7 @@ def _layer_norm(x, scale, bias, mask, cfg, in_dtype):
 
 
 def _layer_norm_forward(x, scale, bias, mask, cfg, in_dtype):
-    m = moments(
-        x,
-        cfg.axes,
-        mask,
-        axis_name=cfg.axis_name,
-        axis_index_groups=cfg.axis_index_groups,
-        fast_variance=cfg.fast_variance,
-    )
+    m = cfg.moments(x, mask)
     var = normalizing_var(m, mask)
     inv = lax.rsqrt(var + cfg.epsilon)
     y = _kept(lambda: affine(x, m.mean, inv, scale, bias, cfg.out_dtype), inv, x.shape, cfg)

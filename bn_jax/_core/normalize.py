@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax._core.checks import AxisName, Groups
-from bn_jax._core.stats import group_sum, moments, normalizing_var, private_copies
+from bn_jax._core.stats import Moments, group_sum, moments, normalizing_var, private_copies
 
 
 class StatsConfig(NamedTuple):
@@ -49,6 +49,18 @@ class StatsConfig(NamedTuple):
     axis_name: AxisName | None = None
     axis_index_groups: Groups = None
     fast_variance: bool = False
+
+    def moments(self, x: jax.Array, mask: jax.Array | None = None) -> Moments:
+        """The statistics of ``x`` this configuration describes (over ``axes``, across
+        the devices of ``axis_name``)."""
+        return moments(
+            x,
+            self.axes,
+            mask,
+            fast_variance=self.fast_variance,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
 
 
 def affine(

@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -72,28 +72,21 @@ class StatsFields(CommonFields, Protocol):
     def use_fast_variance(self) -> bool: ...
 
 
-class AffineFields(Protocol):
-    """The fields of a normalizer with a learned ``scale`` and ``bias``."""
-
-    @property
-    def param_dtype(self) -> Any: ...
-    @property
-    def use_scale(self) -> bool: ...
-    @property
-    def use_bias(self) -> bool: ...
-    @property
-    def scale_init(self) -> Initializer: ...
-    @property
-    def bias_init(self) -> Initializer: ...
-
-
-def check_common(norm: CommonFields) -> None:
-    """Validates the fields every normalizer has (in its ``__post_init__``) and
-    stores ``axis_index_groups`` as a hashable tuple of tuples."""
+def check_common(norm: CommonFields, **axes: Any) -> None:
+    """Validates the fields every normalizer has (in its ``__post_init__``): stores
+    ``axis_index_groups`` as a hashable tuple of tuples and each axis field of
+    ``axes`` (``name=value``) as an int or a tuple of ints."""
     checks.check_epsilon(norm.epsilon)
     checks.check_float_dtype("dtype", norm.dtype, allow_complex=True)
     checks.check_float_dtype("param_dtype", norm.param_dtype, allow_none=False)
-    freeze(norm, axis_index_groups=checks.canonical_groups(norm.axis_index_groups, norm.axis_name))
+    groups = checks.canonical_groups(norm.axis_index_groups, norm.axis_name)
+    freeze(norm, axis_index_groups=groups, **canonical_axes(**axes))
+
+
+def canonical_axes(**axes: Any) -> dict[str, int | tuple[int, ...]]:
+    """Each axis field (``name=value``) as an int or a tuple of ints, or a TypeError
+    naming it; for :func:`freeze`."""
+    return {name: checks.canonical_axis(value, name) for name, value in axes.items()}
 
 
 def check_int(name: str, value: Any, *, positive: bool = False) -> int:
@@ -106,22 +99,59 @@ def check_int(name: str, value: Any, *, positive: bool = False) -> int:
     return int(value)
 
 
+def check_groups(layer: str, num_groups: Any, group_size: Any) -> tuple[int | None, int | None]:
+    """``(num_groups, group_size)`` checked: exactly one of them set, a positive int."""
+    if (num_groups is None) == (group_size is None):
+        raise ValueError(
+            f"{layer} needs exactly one of num_groups and group_size, got "
+            f"num_groups={num_groups!r} and group_size={group_size!r}; to give group_size, "
+            f"pass num_groups=None as well (num_groups defaults to 32)."
+        )
+    if num_groups is not None:
+        return check_int("num_groups", num_groups, positive=True), None
+    return None, check_int("group_size", group_size, positive=True)
+
+
+def group_count(
+    layer: str, channels: int, num_groups: int | None, group_size: int | None, feature_axis: int
+) -> int:
+    """The number of groups of ``channels`` (``num_groups``, or ``channels /
+    group_size``), or a ValueError that says what divides."""
+    arg, divisor = f"group_size={group_size}", group_size
+    if group_size is None:
+        arg, divisor = f"num_groups={num_groups}", cast(int, num_groups)
+    if channels % divisor:
+        raise ValueError(
+            f"{layer}: {arg} does not divide the {channels} channels along "
+            f"feature_axis={feature_axis}; pick a divisor of {channels}."
+        )
+    return divisor if group_size is None else channels // divisor
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BatchFields:
+class NormFields:
+    """The configuration fields most normalizers share: learned ``scale`` and
+    ``bias``, dtypes and the devices that share statistics (documented on each
+    normalizer). Fields only: no normalizer subclasses another."""
+
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = jax.nn.initializers.ones
+    bias_init: Initializer = jax.nn.initializers.zeros
+    axis_name: Hashable | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchFields(NormFields):
     """The configuration fields of BatchNorm and its variants (documented on
     :class:`bn_jax.BatchNorm`)."""
 
     momentum: float | None = 0.99
     epsilon: float = 1e-5
     axis: int | tuple[int, ...] = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = jax.nn.initializers.ones
-    bias_init: Initializer = jax.nn.initializers.zeros
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
     use_fast_variance: bool = False
     unbiased_running_var: bool = False
     allow_single_value: bool = False
@@ -132,8 +162,7 @@ def check_batch_fields(norm: BatchFields) -> None:
     """Validates and canonicalizes the :class:`BatchFields` of ``norm`` (in its
     ``__post_init__``)."""
     checks.check_momentum(norm.momentum)
-    check_common(norm)
-    freeze(norm, axis=checks.canonical_axis(norm.axis, "axis"))
+    check_common(norm, axis=norm.axis)
 
 
 # ------------------------------------------------------------------------- init
@@ -172,15 +201,18 @@ def feature_shape(
     return sizes
 
 
-def init_affine(norm: AffineFields, shape: tuple[int, ...], key: jax.Array | None) -> Params:
+def affine_inits(norm: NormFields) -> dict[str, Initializer | None]:
+    """The initializers of ``scale`` and ``bias`` for :func:`init_params` (None where
+    ``use_scale`` / ``use_bias`` is False)."""
+    return {
+        "scale": norm.scale_init if norm.use_scale else None,
+        "bias": norm.bias_init if norm.use_bias else None,
+    }
+
+
+def init_affine(norm: NormFields, shape: tuple[int, ...], key: jax.Array | None) -> Params:
     """``{"scale", "bias"}`` of ``shape``, those in use (``use_scale``, ``use_bias``)."""
-    return init_params(
-        shape,
-        key,
-        norm.param_dtype,
-        scale=norm.scale_init if norm.use_scale else None,
-        bias=norm.bias_init if norm.use_bias else None,
-    )
+    return init_params(shape, key, norm.param_dtype, **affine_inits(norm))
 
 
 def centered_scale_init(scale_init: Initializer, zero_centered_scale: bool) -> Initializer:
@@ -250,25 +282,24 @@ class Signature(NamedTuple):
 
 
 def check_call(
-    layer: str,
+    norm: CommonFields,
     params: Any,
     state: Any,
     x: Any,
     mask: Any,
     training: Any,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
     *,
     sync_in_eval: bool = True,
 ) -> tuple[jax.Array, Mask, Signature]:
-    """The checks of every call; returns ``(x, mask, signature)``.
+    """The checks of every call of ``norm``; returns ``(x, mask, signature)``.
 
     ``training`` must be a Python bool, ``x`` a floating-point (or complex)
     array, ``params`` a dict and ``mask`` broadcastable to ``x`` (returned as a
-    boolean array). ``axis_name`` must be bound where the call synchronizes:
-    in training, and in evaluation too unless ``sync_in_eval`` is False (a
-    normalizer that evaluates with running statistics).
+    boolean array). ``norm.axis_name`` must be bound where the call
+    synchronizes: in training, and in evaluation too unless ``sync_in_eval`` is
+    False (a normalizer that evaluates with running statistics).
     """
+    layer = type(norm).__name__
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(
             f"{layer}.apply: training must be a Python bool (it picks the code path when "
@@ -282,8 +313,8 @@ def check_call(
     if mask is not None:
         mask = checks.check_mask(mask, x.shape)
     devices = 1
-    if axis_name is not None and (training or sync_in_eval):
-        devices = checks.bound_axis_size(axis_name, axis_index_groups, layer)
+    if norm.axis_name is not None and (training or sync_in_eval):
+        devices = checks.bound_axis_size(norm.axis_name, norm.axis_index_groups, layer)
     shapes = None
     if isinstance(state, Mapping):
         shapes = tuple((k, tuple(jnp.shape(v))) for k, v in state.items())
@@ -429,11 +460,11 @@ def batch_layout(norm: BatchFields, layer: str, sig: Signature) -> Layout:
     )
 
 
-def init_batch(
-    norm: BatchFields, shape: tuple[int, ...], key: jax.Array | None
-) -> tuple[Params, State]:
-    """A BatchNorm-like normalizer's ``(params, state)``: scale and bias, and running
-    statistics (mean 0, var 1, and the counters in use)."""
+def init_batch(norm: BatchFields, features: Any, key: jax.Array | None) -> tuple[Params, State]:
+    """A BatchNorm-like normalizer's ``(params, state)`` for ``features`` along
+    ``norm.axis``: scale and bias, and running statistics (mean 0, var 1, and the
+    counters in use)."""
+    shape = feature_shape(features, norm.axis, type(norm).__name__)
     state = init_running(shape, norm.param_dtype, norm.momentum, norm.count_skipped)
     return init_affine(norm, shape, key), state
 

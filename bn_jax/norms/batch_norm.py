@@ -9,23 +9,12 @@ import jax
 
 from bn_jax._core.normalize import batch_normalize
 from bn_jax._core.running import update_running
-from bn_jax.norms._common import (
-    BatchFields,
-    Mask,
-    Params,
-    State,
-    batch_layout,
-    check_batch_fields,
-    check_call,
-    feature_shape,
-    functional,
-    init_batch,
-    normalize_with,
-)
+from bn_jax.norms import _common
+from bn_jax.norms._common import Mask, Params, State
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BatchNorm(BatchFields):
+class BatchNorm(_common.BatchFields):
     r"""Batch Normalization: normalize each feature with statistics of the batch.
 
     Training mode, per feature ``c`` over every other axis (and every device
@@ -97,11 +86,11 @@ class BatchNorm(BatchFields):
     """
 
     def __post_init__(self) -> None:
-        check_batch_fields(self)
+        _common.check_batch_fields(self)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; see :meth:`Normalizer.init`."""
-        return init_batch(self, feature_shape(features, self.axis, "BatchNorm"), key)
+        return _common.init_batch(self, features, key)
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -113,31 +102,25 @@ class BatchNorm(BatchFields):
           ValueError: also for a single value per feature in training, unless
             ``allow_single_value``.
         """
-        x, mask, sig = check_call(
-            "BatchNorm",
-            params,
-            state,
-            x,
-            mask,
-            training,
-            self.axis_name,
-            self.axis_index_groups,
-            sync_in_eval=False,  # evaluation uses the running statistics
+        x, mask, sig = _common.check_call(
+            self, params, state, x, mask, training, sync_in_eval=False
         )
-        lay = batch_layout(self, "BatchNorm", sig)
+        lay = _common.batch_layout(self, "BatchNorm", sig)
         scale, bias = (
             params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
         )
         if not training:
             mean, var = (state[n].reshape(lay.pshape) for n in ("mean", "var"))
-            return normalize_with(x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype), state
+            return _common.normalize_with(
+                x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype
+            ), state
         y, mean, var, count = batch_normalize(x, scale, bias, mask, lay.cfg)
         return y, update_running(
             state, mean, var, count, momentum=self.momentum, unbiased=self.unbiased_running_var
         )
 
 
-batch_norm = functional(
+batch_norm = _common.functional(
     BatchNorm,
     "batch_norm",
     "y, state = bn_jax.batch_norm(params, state, x, training=True, momentum=0.9)",

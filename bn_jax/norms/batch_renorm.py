@@ -14,23 +14,9 @@ from jax import lax
 
 from bn_jax._core.normalize import batch_normalize
 from bn_jax._core.running import update_running
-from bn_jax._core.stats import moments, normalizing_var
-from bn_jax.norms._common import (
-    BatchFields,
-    Layout,
-    Mask,
-    Params,
-    Signature,
-    State,
-    batch_layout,
-    check_batch_fields,
-    check_call,
-    check_real,
-    feature_shape,
-    functional,
-    init_batch,
-    normalize_with,
-)
+from bn_jax._core.stats import normalizing_var
+from bn_jax.norms import _common
+from bn_jax.norms._common import Mask, Params, Signature, State
 
 Schedule = Union[float, Callable[[jax.Array], Any]]  # noqa: UP007 (a runtime alias)
 
@@ -53,7 +39,7 @@ def _limit(value: Schedule, step: jax.Array, dtype: Any) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BatchRenorm(BatchFields):
+class BatchRenorm(_common.BatchFields):
     r"""Batch Renormalization: BatchNorm whose training output tracks the running statistics.
 
     Training mode, per feature, with batch statistics ``mu_B, sigma_B`` and
@@ -119,13 +105,13 @@ class BatchRenorm(BatchFields):
     dmax: Schedule = 5.0
 
     def __post_init__(self) -> None:
-        check_batch_fields(self)
+        _common.check_batch_fields(self)
         _check_limit("rmax", self.rmax, 1.0)
         _check_limit("dmax", self.dmax, 0.0)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; ``state`` also holds the int32 ``"step"``."""
-        params, state = init_batch(self, feature_shape(features, self.axis, "BatchRenorm"), key)
+        params, state = _common.init_batch(self, features, key)
         return params, {**state, "step": jnp.zeros((), jnp.int32)}
 
     def apply(
@@ -139,16 +125,8 @@ class BatchRenorm(BatchFields):
             :class:`BatchNorm`, a single value per feature in training.
           TypeError: also for complex input.
         """
-        x, mask, sig = check_call(
-            "BatchRenorm",
-            params,
-            state,
-            x,
-            mask,
-            training,
-            self.axis_name,
-            self.axis_index_groups,
-            sync_in_eval=False,  # evaluation uses the running statistics
+        x, mask, sig = _common.check_call(
+            self, params, state, x, mask, training, sync_in_eval=False
         )
         lay = _layout(self, sig)
         scale, bias = (
@@ -156,7 +134,9 @@ class BatchRenorm(BatchFields):
         )
         mean, var = (state[n].reshape(lay.pshape) for n in ("mean", "var"))
         if not training:
-            return normalize_with(x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype), state
+            return _common.normalize_with(
+                x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype
+            ), state
         scale, bias = _renorm_affine(self, lay, state["step"], x, mask, mean, var, scale, bias)
         y, batch_mean, batch_var, count = batch_normalize(x, scale, bias, mask, lay.cfg)
         new_state = update_running(
@@ -171,20 +151,20 @@ class BatchRenorm(BatchFields):
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(norm: BatchRenorm, sig: Signature) -> Layout:
-    lay = batch_layout(norm, "BatchRenorm", sig)
+def _layout(norm: BatchRenorm, sig: Signature) -> _common.Layout:
+    lay = _common.batch_layout(norm, "BatchRenorm", sig)
     if "step" not in dict(sig.state):
         keys = sorted(k for k, _ in sig.state)
         raise ValueError(
             f"BatchRenorm: state has no 'step' (keys: {keys}); build it with BatchRenorm.init."
         )
-    check_real("BatchRenorm", sig, " (its corrections r and d are clipped)")
+    _common.check_real("BatchRenorm", sig, " (its corrections r and d are clipped)")
     return lay
 
 
 def _renorm_affine(
     norm: BatchRenorm,
-    lay: Layout,
+    lay: _common.Layout,
     step: jax.Array,
     x: jax.Array,
     mask: Mask,
@@ -197,14 +177,7 @@ def _renorm_affine(
     cfg = lay.cfg
     # r and d need the batch statistics before normalizing; under jit XLA
     # shares this reduction with the identical one in batch_normalize.
-    batch = moments(
-        lax.stop_gradient(x),
-        cfg.axes,
-        mask,
-        fast_variance=cfg.fast_variance,
-        axis_name=cfg.axis_name,
-        axis_index_groups=cfg.axis_index_groups,
-    )
+    batch = cfg.moments(lax.stop_gradient(x), mask)
     dt = batch.mean.dtype
     run_std = jnp.sqrt(run_var.astype(dt) + norm.epsilon)
     rmax = _limit(norm.rmax, step, dt)
@@ -220,7 +193,7 @@ def _renorm_affine(
     return new_scale, new_bias
 
 
-batch_renorm = functional(
+batch_renorm = _common.functional(
     BatchRenorm,
     "batch_renorm",
     "y, state = bn_jax.batch_renorm(params, state, x, training=True, rmax=3.0, dmax=5.0)",

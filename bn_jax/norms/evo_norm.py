@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Hashable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,33 +14,12 @@ from bn_jax._core import checks
 from bn_jax._core.normalize import StatsConfig
 from bn_jax._core.running import update_running
 from bn_jax._core.stats import moments, normalizing_var
-from bn_jax.norms._common import (
-    BatchFields,
-    Initializer,
-    Mask,
-    Params,
-    Signature,
-    State,
-    broadcast_shape,
-    check_batch_fields,
-    check_batch_values,
-    check_call,
-    check_common,
-    check_features,
-    check_int,
-    check_real,
-    check_state_keys,
-    feature_shape,
-    freeze,
-    functional,
-    init_params,
-    other_axes,
-    stats_config,
-)
+from bn_jax.norms import _common
+from bn_jax.norms._common import Initializer, Mask, Params, Signature, State
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EvoNormB0(BatchFields):
+class EvoNormB0(_common.BatchFields):
     r"""EvoNorm-B0: a batch-dependent normalization-activation layer found by search.
 
     For features ``c`` (along ``axis``), with ``x``'s batch axis first::
@@ -116,20 +94,19 @@ class EvoNormB0(BatchFields):
     v_init: Initializer = jax.nn.initializers.ones
 
     def __post_init__(self) -> None:
-        check_batch_fields(self)
+        _common.check_batch_fields(self)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``: ``scale``, ``bias``, ``v`` and the running ``var``
         (1), plus the ``count`` / ``skipped`` counters in use."""
-        shape = feature_shape(features, self.axis, "EvoNormB0")
+        shape = _common.feature_shape(features, self.axis, "EvoNormB0")
         state = {k: jnp.zeros(shape, jnp.int32) for k in _b0_state_keys(self)}
         state["var"] = jnp.ones(shape, checks.stat_dtype(self.param_dtype))
-        params = init_params(
+        params = _common.init_params(
             shape,
             key,
             self.param_dtype,
-            scale=self.scale_init if self.use_scale else None,
-            bias=self.bias_init if self.use_bias else None,
+            **_common.affine_inits(self),
             v=self.v_init,
         )
         return params, state
@@ -145,28 +122,13 @@ class EvoNormB0(BatchFields):
             unless ``allow_single_value``, a single value per feature in training.
           TypeError: also for complex input.
         """
-        x, mask, sig = check_call(
-            "EvoNormB0",
-            params,
-            state,
-            x,
-            mask,
-            training,
-            self.axis_name,
-            self.axis_index_groups,
-            sync_in_eval=False,  # evaluation uses the running statistics
+        x, mask, sig = _common.check_call(
+            self, params, state, x, mask, training, sync_in_eval=False
         )
         pshape, instance_axes, cfg = _b0_layout(self, sig)
         dt = checks.stat_dtype(x.dtype)
         if training:
-            batch = moments(
-                x,
-                cfg.axes,
-                mask,
-                fast_variance=cfg.fast_variance,
-                axis_name=cfg.axis_name,
-                axis_index_groups=cfg.axis_index_groups,
-            )
+            batch = cfg.moments(x, mask)
             var_b = normalizing_var(batch, mask)
         else:
             var_b = state["var"].reshape(pshape).astype(dt)
@@ -216,20 +178,20 @@ def _b0_layout(
             f"{layer}: axis={norm.axis!r} includes axis 0, the batch axis (the per-example "
             f"variance is taken over the other axes); put the batch first."
         )
-    check_real(layer, sig)
-    check_state_keys(layer, sig.state, _b0_state_keys(norm))
+    _common.check_real(layer, sig)
+    _common.check_state_keys(layer, sig.state, _b0_state_keys(norm))
     used = [n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use]
-    features = check_features(
+    features = _common.check_features(
         layer, sig, feature_axes, [*used, "v"], ("var",), axis_arg="axis", axis=norm.axis
     )
-    batch_axes = other_axes(sig.ndim, feature_axes)
-    check_batch_values(norm, layer, sig, batch_axes)
-    pshape = broadcast_shape(sig.ndim, feature_axes, features)
-    instance_axes = other_axes(sig.ndim, feature_axes, first=1)
-    return pshape, instance_axes, stats_config(norm, batch_axes, sig)
+    batch_axes = _common.other_axes(sig.ndim, feature_axes)
+    _common.check_batch_values(norm, layer, sig, batch_axes)
+    pshape = _common.broadcast_shape(sig.ndim, feature_axes, features)
+    instance_axes = _common.other_axes(sig.ndim, feature_axes, first=1)
+    return pshape, instance_axes, _common.stats_config(norm, batch_axes, sig)
 
 
-evo_norm_b0 = functional(
+evo_norm_b0 = _common.functional(
     EvoNormB0,
     "evo_norm_b0",
     "y, state = bn_jax.evo_norm_b0(params, state, x, training=True, momentum=0.9)",
@@ -237,7 +199,7 @@ evo_norm_b0 = functional(
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EvoNormS0:
+class EvoNormS0(_common.NormFields):
     r"""EvoNorm-S0: a batch-independent normalization-activation layer found by search.
 
     The ``C`` channels along ``feature_axis`` are split into ``G`` contiguous
@@ -287,54 +249,32 @@ class EvoNormS0:
     num_groups: int | None = 32
     group_size: int | None = None
     epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = jax.nn.initializers.ones
-    bias_init: Initializer = jax.nn.initializers.zeros
     v_init: Initializer = jax.nn.initializers.ones
     feature_axis: int = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
 
     def __post_init__(self) -> None:
-        if (self.num_groups is None) == (self.group_size is None):
-            raise ValueError(
-                f"EvoNormS0 needs exactly one of num_groups and group_size, got "
-                f"num_groups={self.num_groups!r} and group_size={self.group_size!r}; to give "
-                f"group_size, pass num_groups=None as well (num_groups defaults to 32)."
-            )
-        for name in ("num_groups", "group_size"):
-            if getattr(self, name) is not None:
-                freeze(self, **{name: check_int(name, getattr(self, name), positive=True)})
-        freeze(self, feature_axis=check_int("feature_axis", self.feature_axis))
-        check_common(self)
+        num_groups, group_size = _common.check_groups("EvoNormS0", self.num_groups, self.group_size)
+        _common.freeze(self, num_groups=num_groups, group_size=group_size)
+        _common.freeze(self, feature_axis=_common.check_int("feature_axis", self.feature_axis))
+        _common.check_common(self)
 
     def _groups(self, channels: int) -> int:
-        """Number of groups for ``channels``, or a ValueError that says what divides."""
-        if self.group_size is not None:
-            arg, divisor = f"group_size={self.group_size}", self.group_size
-        else:
-            arg, divisor = f"num_groups={self.num_groups}", cast(int, self.num_groups)
-        if channels % divisor:
-            raise ValueError(
-                f"EvoNormS0: {arg} does not divide the {channels} channels along "
-                f"feature_axis={self.feature_axis}; pick a divisor of {channels}."
-            )
-        return channels // divisor if self.group_size is not None else divisor
+        return _common.group_count(
+            "EvoNormS0", channels, self.num_groups, self.group_size, self.feature_axis
+        )
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})`` for ``features`` channels (an int or an example input)."""
-        (channels,) = feature_shape(features, self.feature_axis, "EvoNormS0", "feature_axis")
+        (channels,) = _common.feature_shape(
+            features, self.feature_axis, "EvoNormS0", "feature_axis"
+        )
         self._groups(channels)
-        params = init_params(
+        params = _common.init_params(
             (channels,),
             key,
             self.param_dtype,
-            scale=self.scale_init if self.use_scale else None,
-            bias=self.bias_init if self.use_bias else None,
+            **_common.affine_inits(self),
             v=self.v_init,
         )
         return params, {}
@@ -350,21 +290,12 @@ class EvoNormS0:
             ``feature_axis`` that is the batch axis 0.
           TypeError: also for complex input.
         """
-        x, mask, sig = check_call(
-            "EvoNormS0", params, state, x, mask, training, self.axis_name, self.axis_index_groups
-        )
+        x, mask, sig = _common.check_call(self, params, state, x, mask, training)
         split, pshape, cfg = _s0_layout(self, sig)
         xs = x.reshape(split)
         if mask is not None:
             mask = jnp.broadcast_to(mask, x.shape).reshape(split)
-        m = moments(
-            xs,
-            cfg.axes,
-            mask,
-            fast_variance=cfg.fast_variance,
-            axis_name=cfg.axis_name,
-            axis_index_groups=cfg.axis_index_groups,
-        )
+        m = cfg.moments(xs, mask)
         dt = m.mean.dtype
         inv = lax.rsqrt(normalizing_var(m, mask) + self.epsilon)
         xf = xs.astype(dt)
@@ -391,19 +322,21 @@ def _s0_layout(
             f"{layer}: feature_axis={norm.feature_axis} is axis 0, the batch axis; put the "
             f"batch first."
         )
-    check_real(layer, sig)
+    _common.check_real(layer, sig)
     used = [n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use]
-    check_features(layer, sig, (c,), [*used, "v"], axis_arg="feature_axis", axis=norm.feature_axis)
+    _common.check_features(
+        layer, sig, (c,), [*used, "v"], axis_arg="feature_axis", axis=norm.feature_axis
+    )
     channels = sig.shape[c]
     groups = norm._groups(channels)
     split = (*sig.shape[:c], groups, channels // groups, *sig.shape[c + 1 :])
     pshape = [1] * len(split)
     pshape[c], pshape[c + 1] = groups, channels // groups
     axes = tuple(a for a in range(1, len(split)) if a != c)
-    return split, tuple(pshape), stats_config(norm, axes, sig)
+    return split, tuple(pshape), _common.stats_config(norm, axes, sig)
 
 
-evo_norm_s0 = functional(
+evo_norm_s0 = _common.functional(
     EvoNormS0,
     "evo_norm_s0",
     "y, _ = bn_jax.evo_norm_s0(params, {}, x, training=True, num_groups=8)",

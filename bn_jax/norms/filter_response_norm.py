@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
@@ -13,24 +12,8 @@ import jax.numpy as jnp
 from bn_jax._core import checks
 from bn_jax._core.normalize import StatsConfig
 from bn_jax._core.stats import mean_square
-from bn_jax.norms._common import (
-    Initializer,
-    Mask,
-    Params,
-    Signature,
-    State,
-    broadcast_shape,
-    check_call,
-    check_common,
-    check_features,
-    check_real,
-    feature_shape,
-    freeze,
-    functional,
-    init_params,
-    other_axes,
-    out_dtype,
-)
+from bn_jax.norms import _common
+from bn_jax.norms._common import Initializer, Mask, Params, Signature, State
 
 
 def default_eps_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
@@ -40,7 +23,7 @@ def default_eps_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.fl
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FilterResponseNorm:
+class FilterResponseNorm(_common.NormFields):
     r"""Filter Response Normalization: divide by the mean square over space, then threshold.
 
     For every example ``n`` (axis 0) and channel ``c``, over the remaining
@@ -98,33 +81,25 @@ class FilterResponseNorm:
     """
 
     epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_scale: bool = True
-    use_bias: bool = True
     use_tau: bool = True
     learned_epsilon: bool = False
-    scale_init: Initializer = jax.nn.initializers.ones
-    bias_init: Initializer = jax.nn.initializers.zeros
     tau_init: Initializer = jax.nn.initializers.zeros
     eps_init: Initializer = default_eps_init
     feature_axes: int | tuple[int, ...] = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
-        check_common(self)
-        freeze(self, feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"))
+        _common.check_common(self, feature_axes=self.feature_axes)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})``: ``scale``, ``bias``, ``tau`` (and ``eps``) per channel."""
-        shape = feature_shape(features, self.feature_axes, "FilterResponseNorm", "feature_axes")
-        params = init_params(
+        shape = _common.feature_shape(
+            features, self.feature_axes, "FilterResponseNorm", "feature_axes"
+        )
+        params = _common.init_params(
             shape,
             key,
             self.param_dtype,
-            scale=self.scale_init if self.use_scale else None,
-            bias=self.bias_init if self.use_bias else None,
+            **_common.affine_inits(self),
             tau=self.tau_init if self.use_tau else None,
             eps=self.eps_init if self.learned_epsilon else None,
         )
@@ -141,16 +116,7 @@ class FilterResponseNorm:
           ValueError: also for feature axes that include the batch axis 0.
           TypeError: also for complex input.
         """
-        x, mask, sig = check_call(
-            "FilterResponseNorm",
-            params,
-            state,
-            x,
-            mask,
-            training,
-            self.axis_name,
-            self.axis_index_groups,
-        )
+        x, mask, sig = _common.check_call(self, params, state, x, mask, training)
         pshape, used, cfg = _layout(self, sig)
         dt = checks.stat_dtype(x.dtype)
         eps = jnp.asarray(self.epsilon, dt)
@@ -181,7 +147,7 @@ def _layout(
             f"{layer}: feature_axes={norm.feature_axes!r} includes axis 0, the batch axis; put "
             f"the batch first."
         )
-    check_real(layer, sig, " (its TLU is a maximum)")
+    _common.check_real(layer, sig, " (its TLU is a maximum)")
     uses = {
         "scale": norm.use_scale,
         "bias": norm.use_bias,
@@ -189,20 +155,20 @@ def _layout(
         "eps": norm.learned_epsilon,
     }
     used = tuple(n for n, use in uses.items() if use)
-    features = check_features(
+    features = _common.check_features(
         layer, sig, feature_axes, used, axis_arg="feature_axes", axis=norm.feature_axes
     )
     cfg = StatsConfig(
-        other_axes(sig.ndim, feature_axes, first=1),
+        _common.other_axes(sig.ndim, feature_axes, first=1),
         float(norm.epsilon),
-        out_dtype(norm.dtype, sig),
+        _common.out_dtype(norm.dtype, sig),
         norm.axis_name,
         norm.axis_index_groups,
     )
-    return broadcast_shape(sig.ndim, feature_axes, features), used, cfg
+    return _common.broadcast_shape(sig.ndim, feature_axes, features), used, cfg
 
 
-filter_response_norm = functional(
+filter_response_norm = _common.functional(
     FilterResponseNorm,
     "filter_response_norm",
     "z, _ = bn_jax.filter_response_norm(params, {}, x, training=True)",

@@ -11,31 +11,12 @@ import jax
 
 from bn_jax._core.normalize import StatsConfig, batch_normalize
 from bn_jax._core.running import update_running
-from bn_jax.norms._common import (
-    BatchFields,
-    Layout,
-    Mask,
-    Params,
-    Signature,
-    State,
-    average_stats,
-    batch_layout,
-    check_batch_fields,
-    check_call,
-    check_int,
-    check_real,
-    check_single_value,
-    feature_shape,
-    freeze,
-    functional,
-    init_batch,
-    normalize_with,
-    other_axes,
-)
+from bn_jax.norms import _common
+from bn_jax.norms._common import Mask, Params, Signature, State
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GhostBatchNorm(BatchFields):
+class GhostBatchNorm(_common.BatchFields):
     r"""Ghost Batch Normalization: BatchNorm over small virtual sub-batches.
 
     Training mode splits the batch axis (axis 0) into ``k = B / v``
@@ -91,13 +72,13 @@ class GhostBatchNorm(BatchFields):
     virtual_batch_size: int
 
     def __post_init__(self) -> None:
-        check_batch_fields(self)
-        v = check_int("virtual_batch_size", self.virtual_batch_size, positive=True)
-        freeze(self, virtual_batch_size=v)
+        _common.check_batch_fields(self)
+        v = _common.check_int("virtual_batch_size", self.virtual_batch_size, positive=True)
+        _common.freeze(self, virtual_batch_size=v)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; see :meth:`Normalizer.init`."""
-        return init_batch(self, feature_shape(features, self.axis, "GhostBatchNorm"), key)
+        return _common.init_batch(self, features, key)
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -110,16 +91,8 @@ class GhostBatchNorm(BatchFields):
             ``x.shape[0]``, ``axis`` includes axis 0, or a virtual batch has a
             single value per feature (unless ``allow_single_value``).
         """
-        x, mask, sig = check_call(
-            "GhostBatchNorm",
-            params,
-            state,
-            x,
-            mask,
-            training,
-            self.axis_name,
-            self.axis_index_groups,
-            sync_in_eval=False,  # evaluation uses the running statistics
+        x, mask, sig = _common.check_call(
+            self, params, state, x, mask, training, sync_in_eval=False
         )
         lay, cfg = _layout(self, sig)
         scale, bias = (
@@ -127,7 +100,9 @@ class GhostBatchNorm(BatchFields):
         )
         if not training:
             mean, var = (state[n].reshape(lay.pshape) for n in ("mean", "var"))
-            return normalize_with(x, mean, var, scale, bias, self.epsilon, cfg.out_dtype), state
+            return _common.normalize_with(
+                x, mean, var, scale, bias, self.epsilon, cfg.out_dtype
+            ), state
         v = self.virtual_batch_size
         xg = x.reshape((x.shape[0] // v, v, *x.shape[1:]))  # [virtual batch, example, ...]
         if mask is not None:
@@ -139,7 +114,7 @@ class GhostBatchNorm(BatchFields):
         y, mean, var, count = batch_normalize(xg, scale, bias, mask, cfg)
         # One update with the count-weighted average of the sub-batch statistics
         # (made unbiased there if asked).
-        stats = average_stats(
+        stats = _common.average_stats(
             mean,
             var,
             count,
@@ -151,16 +126,16 @@ class GhostBatchNorm(BatchFields):
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(norm: GhostBatchNorm, sig: Signature) -> tuple[Layout, StatsConfig]:
+def _layout(norm: GhostBatchNorm, sig: Signature) -> tuple[_common.Layout, StatsConfig]:
     """BatchNorm's layout (its single-value check is per virtual batch, below) and the
     statistics of each virtual batch on this device."""
-    lay = batch_layout(norm, "GhostBatchNorm", sig._replace(training=False))
+    lay = _common.batch_layout(norm, "GhostBatchNorm", sig._replace(training=False))
     if 0 in lay.feature_axes:
         raise ValueError(
             f"GhostBatchNorm: axis={norm.axis!r} includes axis 0, which is the batch axis "
             f"split into virtual batches; put the batch first."
         )
-    check_real("GhostBatchNorm", sig)
+    _common.check_real("GhostBatchNorm", sig)
     v, batch = norm.virtual_batch_size, sig.shape[0]
     if not sig.training:
         return lay, lay.cfg
@@ -171,8 +146,8 @@ def _layout(norm: GhostBatchNorm, sig: Signature) -> tuple[Layout, StatsConfig]:
             f"a virtual_batch_size among the divisors of {batch}."
         )
     grouped = (batch // v, v, *sig.shape[1:])
-    reduce_g = other_axes(len(grouped), tuple(a + 1 for a in lay.feature_axes), first=1)
-    check_single_value(
+    reduce_g = _common.other_axes(len(grouped), tuple(a + 1 for a in lay.feature_axes), first=1)
+    _common.check_single_value(
         math.prod(grouped[i] for i in reduce_g),
         norm.allow_single_value,
         f"GhostBatchNorm: training with virtual_batch_size={v} leaves a single value per "
@@ -182,7 +157,7 @@ def _layout(norm: GhostBatchNorm, sig: Signature) -> tuple[Layout, StatsConfig]:
     return lay, lay.cfg._replace(axes=reduce_g, axis_name=None, axis_index_groups=None)
 
 
-ghost_batch_norm = functional(
+ghost_batch_norm = _common.functional(
     GhostBatchNorm,
     "ghost_batch_norm",
     "y, state = bn_jax.ghost_batch_norm(params, state, x, training=True,\n"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Hashable, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,26 +13,12 @@ import numpy as np
 from bn_jax._core import checks
 from bn_jax._core.memory_efficient import layer_norm_saving_output
 from bn_jax._core.normalize import StatsConfig, batch_normalize
-from bn_jax.norms._common import (
-    Initializer,
-    Mask,
-    Params,
-    Signature,
-    State,
-    check_call,
-    check_common,
-    check_features,
-    check_int,
-    check_saving_output,
-    freeze,
-    functional,
-    init_affine,
-    stats_config,
-)
+from bn_jax.norms import _common
+from bn_jax.norms._common import Mask, Params, Signature, State
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GroupNorm:
+class GroupNorm(_common.NormFields):
     r"""Group Normalization: normalize groups of channels within each example.
 
     The ``C`` channels along ``feature_axis`` are split into ``G`` contiguous
@@ -86,30 +71,15 @@ class GroupNorm:
     num_groups: int | None = 32
     group_size: int | None = None
     epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = jax.nn.initializers.zeros
-    scale_init: Initializer = jax.nn.initializers.ones
     reduction_axes: int | tuple[int, ...] | None = None
     feature_axis: int = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
     memory_efficient: bool = False
 
     def __post_init__(self) -> None:
-        if (self.num_groups is None) == (self.group_size is None):
-            raise ValueError(
-                f"GroupNorm needs exactly one of num_groups and group_size, got "
-                f"num_groups={self.num_groups!r} and group_size={self.group_size!r}; to give "
-                f"group_size, pass num_groups=None as well (num_groups defaults to 32)."
-            )
-        for name in ("num_groups", "group_size"):
-            if getattr(self, name) is not None:
-                freeze(self, **{name: check_int(name, getattr(self, name), positive=True)})
-        freeze(self, feature_axis=check_int("feature_axis", self.feature_axis))
+        num_groups, group_size = _common.check_groups("GroupNorm", self.num_groups, self.group_size)
+        _common.freeze(self, num_groups=num_groups, group_size=group_size)
+        _common.freeze(self, feature_axis=_common.check_int("feature_axis", self.feature_axis))
         if self.reduction_axes is not None:
             try:
                 red = checks.canonical_axis(self.reduction_axes)
@@ -118,27 +88,13 @@ class GroupNorm:
                     f"reduction_axes must be None, an int or a tuple of ints, got "
                     f"{self.reduction_axes!r}."
                 ) from None
-            freeze(self, reduction_axes=red)
-        check_common(self)
+            _common.freeze(self, reduction_axes=red)
+        _common.check_common(self)
 
     def _groups(self, channels: int) -> int:
-        """Number of groups for ``channels``, or a ValueError that says what divides."""
-        if self.group_size is not None:
-            if channels % self.group_size:
-                raise ValueError(
-                    f"GroupNorm: group_size={self.group_size} does not divide the "
-                    f"{channels} channels along feature_axis={self.feature_axis}; pick a "
-                    f"divisor of {channels}."
-                )
-            return channels // self.group_size
-        groups = cast(int, self.num_groups)  # exactly one of the two is set
-        if channels % groups:
-            raise ValueError(
-                f"GroupNorm: num_groups={self.num_groups} does not divide the {channels} "
-                f"channels along feature_axis={self.feature_axis}; pick a divisor of {channels} "
-                f"(or set group_size and num_groups=None)."
-            )
-        return groups
+        return _common.group_count(
+            "GroupNorm", channels, self.num_groups, self.group_size, self.feature_axis
+        )
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})`` for ``features`` channels (an int or an example input)."""
@@ -157,7 +113,7 @@ class GroupNorm:
                 f"GroupNorm.init: the number of channels must be positive, got {channels}."
             )
         self._groups(channels)
-        return init_affine(self, (channels,), key), {}
+        return _common.init_affine(self, (channels,), key), {}
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -169,9 +125,7 @@ class GroupNorm:
           ValueError: also for channels not divisible into groups or
             reduction axes that omit the feature axis.
         """
-        x, mask, sig = check_call(
-            "GroupNorm", params, state, x, mask, training, self.axis_name, self.axis_index_groups
-        )
+        x, mask, sig = _common.check_call(self, params, state, x, mask, training)
         lay = _layout(self, sig)
         scale, bias = (
             params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
@@ -213,9 +167,11 @@ def _layout(norm: GroupNorm, sig: Signature) -> _Layout:
             f"feature_axis={norm.feature_axis} (axis {c} of an input of rank {ndim}): "
             f"statistics are taken over the channels of each group."
         )
-    check_saving_output("GroupNorm", norm.memory_efficient, sig)
+    _common.check_saving_output("GroupNorm", norm.memory_efficient, sig)
     used = tuple(n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use)
-    check_features("GroupNorm", sig, (c,), used, axis_arg="feature_axis", axis=norm.feature_axis)
+    _common.check_features(
+        "GroupNorm", sig, (c,), used, axis_arg="feature_axis", axis=norm.feature_axis
+    )
     channels = sig.shape[c]
     groups = norm._groups(channels)
     # Split the channel axis c into (groups, channels per group) at c, c + 1.
@@ -223,10 +179,10 @@ def _layout(norm: GroupNorm, sig: Signature) -> _Layout:
     reduce_g = tuple(sorted([a + (a > c) for a in reduce if a != c] + [c + 1]))
     pshape = [1] * (ndim + 1)
     pshape[c], pshape[c + 1] = groups, channels // groups
-    cfg = stats_config(norm, reduce_g, sig)
+    cfg = _common.stats_config(norm, reduce_g, sig)
     return _Layout(c, split, tuple(pshape), used, cfg)
 
 
-group_norm = functional(
+group_norm = _common.functional(
     GroupNorm, "group_norm", "y, _ = bn_jax.group_norm(params, {}, x, training=True, num_groups=8)"
 )

@@ -5,42 +5,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from bn_jax._core import checks
 from bn_jax._core.normalize import StatsConfig, batch_normalize
 from bn_jax._core.running import update_running
-from bn_jax.norms._common import (
-    Initializer,
-    Mask,
-    Params,
-    Signature,
-    State,
-    average_stats,
-    broadcast_shape,
-    check_call,
-    check_common,
-    check_features,
-    check_single_value,
-    check_state_keys,
-    feature_shape,
-    freeze,
-    functional,
-    init_affine,
-    init_running,
-    normalize_with,
-    other_axes,
-    running_keys,
-    stats_config,
-)
+from bn_jax.norms import _common
+from bn_jax.norms._common import Mask, Params, Signature, State
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class InstanceNorm:
+class InstanceNorm(_common.NormFields):
     r"""Instance Normalization: normalize each channel of each example on its own.
 
     For every example ``n`` (axis 0) and feature ``c``, over the remaining
@@ -109,15 +86,7 @@ class InstanceNorm:
     """
 
     epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = jax.nn.initializers.zeros
-    scale_init: Initializer = jax.nn.initializers.ones
     feature_axes: int | tuple[int, ...] = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
     track_running_stats: bool = False
     momentum: float | None = 0.99
@@ -128,19 +97,17 @@ class InstanceNorm:
 
     def __post_init__(self) -> None:
         checks.check_momentum(self.momentum)
-        check_common(self)
-        freeze(
-            self,
-            feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"),
-        )
+        _common.check_common(self, feature_axes=self.feature_axes)
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, state)``; ``state`` is ``{}`` unless ``track_running_stats``."""
-        shape = feature_shape(features, self.feature_axes, "InstanceNorm", "feature_axes")
-        params = init_affine(self, shape, key)
+        shape = _common.feature_shape(features, self.feature_axes, "InstanceNorm", "feature_axes")
+        params = _common.init_affine(self, shape, key)
         if not self.track_running_stats:
             return params, {}
-        return params, init_running(shape, self.param_dtype, self.momentum, self.count_skipped)
+        return params, _common.init_running(
+            shape, self.param_dtype, self.momentum, self.count_skipped
+        )
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
@@ -154,28 +121,22 @@ class InstanceNorm:
             ``allow_single_value``, a single value per instance and channel.
         """
         track = self.track_running_stats
-        x, mask, sig = check_call(
-            "InstanceNorm",
-            params,
-            state,
-            x,
-            mask,
-            training,
-            self.axis_name,
-            self.axis_index_groups,
-            sync_in_eval=not track,  # tracked evaluation uses the running statistics
+        x, mask, sig = _common.check_call(
+            self, params, state, x, mask, training, sync_in_eval=not track
         )
         pshape, used, cfg = _layout(self, sig)
         scale, bias = (params[n].reshape(pshape) if n in used else None for n in ("scale", "bias"))
         if track and not training:
             mean, var = (state[n].reshape(pshape) for n in ("mean", "var"))
-            return normalize_with(x, mean, var, scale, bias, self.epsilon, cfg.out_dtype), state
+            return _common.normalize_with(
+                x, mean, var, scale, bias, self.epsilon, cfg.out_dtype
+            ), state
         y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
         if not (track and training):
             return y, state
         # Statistics are already merged over axis_name (it splits the spatial
         # axes), so the average over instances needs no further collective.
-        stats = average_stats(mean, var, count, unbiased=self.unbiased_running_var)
+        stats = _common.average_stats(mean, var, count, unbiased=self.unbiased_running_var)
         return y, update_running(state, *stats, momentum=self.momentum)
 
 
@@ -192,9 +153,11 @@ def _layout(
         )
     track = norm.track_running_stats
     if track:
-        check_state_keys(layer, sig.state, running_keys(norm.momentum, norm.count_skipped))
+        _common.check_state_keys(
+            layer, sig.state, _common.running_keys(norm.momentum, norm.count_skipped)
+        )
     used = tuple(n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use)
-    features = check_features(
+    features = _common.check_features(
         layer,
         sig,
         feature_axes,
@@ -203,19 +166,19 @@ def _layout(
         axis_arg="feature_axes",
         axis=norm.feature_axes,
     )
-    reduce_axes = other_axes(sig.ndim, feature_axes, first=1)
+    reduce_axes = _common.other_axes(sig.ndim, feature_axes, first=1)
     if sig.training or not track:
-        check_single_value(
+        _common.check_single_value(
             math.prod(sig.shape[i] for i in reduce_axes) * sig.devices,
             norm.allow_single_value,
             f"InstanceNorm: x.shape={sig.shape} with feature_axes={norm.feature_axes!r} "
             f"leaves a single value per instance and channel (no spatial axes); its variance "
             f"is meaningless. Did you mean LayerNorm or BatchNorm?",
         )
-    cfg = stats_config(norm, reduce_axes, sig)
-    return broadcast_shape(sig.ndim, feature_axes, features), used, cfg
+    cfg = _common.stats_config(norm, reduce_axes, sig)
+    return _common.broadcast_shape(sig.ndim, feature_axes, features), used, cfg
 
 
-instance_norm = functional(
+instance_norm = _common.functional(
     InstanceNorm, "instance_norm", "y, _ = bn_jax.instance_norm(params, {}, x, training=True)"
 )

@@ -4,38 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from bn_jax._core import checks
 from bn_jax._core.memory_efficient import layer_norm_saving_output
 from bn_jax._core.normalize import StatsConfig, batch_normalize
-from bn_jax.norms._common import (
-    Initializer,
-    Mask,
-    Params,
-    Signature,
-    State,
-    broadcast_shape,
-    centered_scale_init,
-    check_call,
-    check_common,
-    check_features,
-    check_saving_output,
-    feature_shape,
-    freeze,
-    functional,
-    init_params,
-    stats_config,
-    zero_centered,
-)
+from bn_jax.norms import _common
+from bn_jax.norms._common import Mask, Params, Signature, State
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LayerNorm:
+class LayerNorm(_common.NormFields):
     r"""Layer Normalization: normalize each example over its feature axes.
 
     For every example (every position outside ``reduction_axes``)::
@@ -87,53 +68,34 @@ class LayerNorm:
     """
 
     epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = jax.nn.initializers.zeros
-    scale_init: Initializer = jax.nn.initializers.ones
     reduction_axes: int | tuple[int, ...] = -1
     feature_axes: int | tuple[int, ...] = -1
-    axis_name: Hashable | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
     use_fast_variance: bool = False
     memory_efficient: bool = False
     zero_centered_scale: bool = False
 
     def __post_init__(self) -> None:
-        check_common(self)
-        freeze(
-            self,
-            reduction_axes=checks.canonical_axis(self.reduction_axes, "reduction_axes"),
-            feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"),
+        _common.check_common(
+            self, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes
         )
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``(params, {})``; see :meth:`Normalizer.init`."""
-        shape = feature_shape(features, self.feature_axes, "LayerNorm", "feature_axes")
-        params = init_params(
-            shape,
-            key,
-            self.param_dtype,
-            scale=centered_scale_init(self.scale_init, self.zero_centered_scale)
-            if self.use_scale
-            else None,
-            bias=self.bias_init if self.use_bias else None,
-        )
-        return params, {}
+        shape = _common.feature_shape(features, self.feature_axes, "LayerNorm", "feature_axes")
+        inits = _common.affine_inits(self)
+        if self.use_scale:
+            inits["scale"] = _common.centered_scale_init(self.scale_init, self.zero_centered_scale)
+        return _common.init_params(shape, key, self.param_dtype, **inits), {}
 
     def apply(
         self, params: Params, state: State, x: jax.Array, *, training: bool, mask: Mask = None
     ) -> tuple[jax.Array, State]:
         """Normalizes each example over ``reduction_axes``; ``state`` (``{}``) is returned
         unchanged and ``training`` has no effect. See :meth:`Normalizer.apply`."""
-        x, mask, sig = check_call(
-            "LayerNorm", params, state, x, mask, training, self.axis_name, self.axis_index_groups
-        )
+        x, mask, sig = _common.check_call(self, params, state, x, mask, training)
         pshape, used, cfg = _layout(self, sig)
         scale, bias = (params[n].reshape(pshape) if n in used else None for n in ("scale", "bias"))
-        scale = zero_centered(scale, self.zero_centered_scale)
+        scale = _common.zero_centered(scale, self.zero_centered_scale)
         if self.memory_efficient:
             return layer_norm_saving_output(x, scale, bias, mask, cfg), state
         return batch_normalize(x, scale, bias, mask, cfg)[0], state
@@ -145,15 +107,15 @@ def _layout(
 ) -> tuple[tuple[int, ...], tuple[str, ...], StatsConfig]:
     reduce_axes = checks.resolve_axes(norm.reduction_axes, sig.ndim, "reduction_axes")
     feature_axes = checks.resolve_axes(norm.feature_axes, sig.ndim, "feature_axes")
-    check_saving_output("LayerNorm", norm.memory_efficient, sig)
+    _common.check_saving_output("LayerNorm", norm.memory_efficient, sig)
     used = tuple(n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use)
-    features = check_features(
+    features = _common.check_features(
         "LayerNorm", sig, feature_axes, used, axis_arg="feature_axes", axis=norm.feature_axes
     )
-    cfg = stats_config(norm, reduce_axes, sig)
-    return broadcast_shape(sig.ndim, feature_axes, features), used, cfg
+    cfg = _common.stats_config(norm, reduce_axes, sig)
+    return _common.broadcast_shape(sig.ndim, feature_axes, features), used, cfg
 
 
-layer_norm = functional(
+layer_norm = _common.functional(
     LayerNorm, "layer_norm", "y, _ = bn_jax.layer_norm(params, {}, x, training=True, epsilon=1e-5)"
 )

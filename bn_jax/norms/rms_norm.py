@@ -15,25 +15,8 @@ from bn_jax._core import checks
 from bn_jax._core.memory_efficient import rms_norm_saving_output
 from bn_jax._core.normalize import StatsConfig
 from bn_jax._core.stats import mean_square
-from bn_jax.norms._common import (
-    Initializer,
-    Mask,
-    Params,
-    Signature,
-    State,
-    broadcast_shape,
-    centered_scale_init,
-    check_call,
-    check_common,
-    check_features,
-    check_saving_output,
-    feature_shape,
-    freeze,
-    functional,
-    init_params,
-    out_dtype,
-    zero_centered,
-)
+from bn_jax.norms import _common
+from bn_jax.norms._common import Initializer, Mask, Params, Signature, State
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,18 +81,15 @@ class RMSNorm:
     zero_centered_scale: bool = False
 
     def __post_init__(self) -> None:
-        check_common(self)
-        freeze(
-            self,
-            reduction_axes=checks.canonical_axis(self.reduction_axes, "reduction_axes"),
-            feature_axes=checks.canonical_axis(self.feature_axes, "feature_axes"),
+        _common.check_common(
+            self, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes
         )
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
         """Returns ``({"scale"}, {})``; see :meth:`Normalizer.init`."""
-        shape = feature_shape(features, self.feature_axes, "RMSNorm", "feature_axes")
-        scale_init = centered_scale_init(self.scale_init, self.zero_centered_scale)
-        return init_params(
+        shape = _common.feature_shape(features, self.feature_axes, "RMSNorm", "feature_axes")
+        scale_init = _common.centered_scale_init(self.scale_init, self.zero_centered_scale)
+        return _common.init_params(
             shape, key, self.param_dtype, scale=scale_init if self.use_scale else None
         ), {}
 
@@ -119,12 +99,10 @@ class RMSNorm:
         """Rescales each example by its root mean square over ``reduction_axes``; ``state``
         (``{}``) is returned unchanged and ``training`` has no effect. See
         :meth:`Normalizer.apply`."""
-        x, mask, sig = check_call(
-            "RMSNorm", params, state, x, mask, training, self.axis_name, self.axis_index_groups
-        )
+        x, mask, sig = _common.check_call(self, params, state, x, mask, training)
         pshape, cfg = _layout(self, sig)
         scale = params["scale"].reshape(pshape) if self.use_scale else None
-        scale = zero_centered(scale, self.zero_centered_scale)
+        scale = _common.zero_centered(scale, self.zero_centered_scale)
         if self.memory_efficient:
             return rms_norm_saving_output(x, scale, mask, cfg), state
         # Differentiated by JAX: the formula is already one reduction and one
@@ -143,19 +121,21 @@ class RMSNorm:
 def _layout(norm: RMSNorm, sig: Signature) -> tuple[tuple[int, ...], StatsConfig]:
     reduce_axes = checks.resolve_axes(norm.reduction_axes, sig.ndim, "reduction_axes")
     feature_axes = checks.resolve_axes(norm.feature_axes, sig.ndim, "feature_axes")
-    check_saving_output("RMSNorm", norm.memory_efficient, sig)
+    _common.check_saving_output("RMSNorm", norm.memory_efficient, sig)
     used = ("scale",) if norm.use_scale else ()
-    features = check_features(
+    features = _common.check_features(
         "RMSNorm", sig, feature_axes, used, axis_arg="feature_axes", axis=norm.feature_axes
     )
     cfg = StatsConfig(
         reduce_axes,
         float(norm.epsilon),
-        out_dtype(norm.dtype, sig),
+        _common.out_dtype(norm.dtype, sig),
         norm.axis_name,
         norm.axis_index_groups,
     )
-    return broadcast_shape(sig.ndim, feature_axes, features), cfg
+    return _common.broadcast_shape(sig.ndim, feature_axes, features), cfg
 
 
-rms_norm = functional(RMSNorm, "rms_norm", "y, _ = bn_jax.rms_norm(params, {}, x, training=True)")
+rms_norm = _common.functional(
+    RMSNorm, "rms_norm", "y, _ = bn_jax.rms_norm(params, {}, x, training=True)"
+)

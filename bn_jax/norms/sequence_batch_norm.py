@@ -14,32 +14,12 @@ from jax import lax
 from bn_jax._core import checks
 from bn_jax._core.normalize import StatsConfig, batch_normalize
 from bn_jax._core.running import update_running
-from bn_jax.norms._common import (
-    BatchFields,
-    Mask,
-    Params,
-    Signature,
-    State,
-    check_batch_fields,
-    check_batch_values,
-    check_call,
-    check_features,
-    check_int,
-    check_real,
-    check_state_keys,
-    feature_shape,
-    freeze,
-    functional_doc,
-    init_batch,
-    normalize_with,
-    other_axes,
-    running_keys,
-    stats_config,
-)
+from bn_jax.norms import _common
+from bn_jax.norms._common import Mask, Params, Signature, State
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SequenceBatchNorm(BatchFields):
+class SequenceBatchNorm(_common.BatchFields):
     r"""Recurrent Batch Normalization: separate statistics for every time step.
 
     For an input with a time axis (``[batch, time, features]`` by default),
@@ -110,11 +90,11 @@ class SequenceBatchNorm(BatchFields):
     time_axis: int = 1
 
     def __post_init__(self) -> None:
-        check_batch_fields(self)
-        freeze(
+        _common.check_batch_fields(self)
+        _common.freeze(
             self,
-            max_steps=check_int("max_steps", self.max_steps, positive=True),
-            time_axis=check_int("time_axis", self.time_axis),
+            max_steps=_common.check_int("max_steps", self.max_steps, positive=True),
+            time_axis=_common.check_int("time_axis", self.time_axis),
         )
 
     def init(self, features: Any, *, key: jax.Array | None = None) -> tuple[Params, State]:
@@ -125,7 +105,7 @@ class SequenceBatchNorm(BatchFields):
         """
         if hasattr(features, "shape") and hasattr(features, "ndim"):
             _axes(self, features.ndim, step_mode=False)  # checks time_axis vs axis
-        params, one = init_batch(self, feature_shape(features, self.axis, "SequenceBatchNorm"), key)
+        params, one = _common.init_batch(self, features, key)
         return params, {k: jnp.repeat(v[None], self.max_steps, 0) for k, v in one.items()}
 
     def apply(
@@ -156,16 +136,8 @@ class SequenceBatchNorm(BatchFields):
             ``allow_single_value``).
           TypeError: also for a non-integer ``step``.
         """
-        x, mask, sig = check_call(
-            "SequenceBatchNorm",
-            params,
-            state,
-            x,
-            mask,
-            training,
-            self.axis_name,
-            self.axis_index_groups,
-            sync_in_eval=False,  # evaluation uses the running statistics
+        x, mask, sig = _common.check_call(
+            self, params, state, x, mask, training, sync_in_eval=False
         )
         lay = _layout(self, sig, step is not None)
         scale, bias = (
@@ -177,7 +149,9 @@ class SequenceBatchNorm(BatchFields):
         if not training:
             slots = np.minimum(np.arange(steps), self.max_steps - 1)
             mean, var = (_place(state[n][slots], x.ndim, lay.time_axes) for n in ("mean", "var"))
-            return normalize_with(x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype), state
+            return _common.normalize_with(
+                x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype
+            ), state
         y, *stats = batch_normalize(x, scale, bias, mask, lay.cfg)
         k = min(steps, self.max_steps)  # steps past max_steps leave the state alone
         stats = [_take(v, lay.time_axes)[:k] for v in stats]
@@ -204,10 +178,14 @@ def _layout(norm: SequenceBatchNorm, sig: Signature, step_mode: bool) -> _Layout
     time, feature_axes = _axes(norm, sig.ndim, step_mode=step_mode)
     if step_mode:  # the feature axes of the step, without the time axis
         feature_axes = tuple(a - (a > time) for a in feature_axes)
-    check_real(layer, sig)
+    _common.check_real(layer, sig)
     used = tuple(n for n, use in (("scale", norm.use_scale), ("bias", norm.use_bias)) if use)
-    features = check_features(layer, sig, feature_axes, used, axis_arg="axis", axis=norm.axis)
-    check_state_keys(layer, sig.state, running_keys(norm.momentum, norm.count_skipped))
+    features = _common.check_features(
+        layer, sig, feature_axes, used, axis_arg="axis", axis=norm.axis
+    )
+    _common.check_state_keys(
+        layer, sig.state, _common.running_keys(norm.momentum, norm.count_skipped)
+    )
     state = dict(sig.state)
     for name in ("mean", "var"):
         if state[name] != (norm.max_steps, *features):
@@ -217,9 +195,9 @@ def _layout(norm: SequenceBatchNorm, sig: Signature, step_mode: bool) -> _Layout
                 f"{(norm.max_steps, *features)}; build the state with {layer}.init."
             )
     time_axes = (time, *feature_axes)
-    reduce_axes = other_axes(sig.ndim, feature_axes if step_mode else time_axes)
-    check_batch_values(norm, layer, sig, reduce_axes)
-    cfg = stats_config(norm, reduce_axes, sig)
+    reduce_axes = _common.other_axes(sig.ndim, feature_axes if step_mode else time_axes)
+    _common.check_batch_values(norm, layer, sig, reduce_axes)
+    cfg = _common.stats_config(norm, reduce_axes, sig)
     pshape = tuple(sig.shape[a] if a in feature_axes else 1 for a in range(sig.ndim))
     return _Layout(time, time_axes, pshape, used, cfg)
 
@@ -264,7 +242,9 @@ def _apply_step(
     old = {n: lax.dynamic_index_in_dim(v, slot, 0, keepdims=False) for n, v in state.items()}
     if not training:
         mean, var = (old[n].reshape(lay.pshape) for n in ("mean", "var"))
-        return normalize_with(x, mean, var, scale, bias, norm.epsilon, lay.cfg.out_dtype), state
+        return _common.normalize_with(
+            x, mean, var, scale, bias, norm.epsilon, lay.cfg.out_dtype
+        ), state
     y, *stats = batch_normalize(x, scale, bias, mask, lay.cfg)
     new = update_running(old, *stats, momentum=norm.momentum, unbiased=norm.unbiased_running_var)
     in_range = (step >= 0) & (step < norm.max_steps)
@@ -323,7 +303,7 @@ def sequence_batch_norm(
     )
 
 
-sequence_batch_norm.__doc__ = functional_doc(
+sequence_batch_norm.__doc__ = _common.functional_doc(
     "SequenceBatchNorm",
     "Recurrent Batch Normalization: separate statistics for every time step",
     "y, state = bn_jax.sequence_batch_norm(params, state, x, training=True, max_steps=50)",
