@@ -423,17 +423,22 @@ def test_tuple_axis_name_under_nested_vmaps(data):
     check_against_reference(data, y, per_device, (gp, gx))
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["vmap", "scan-jit-checkpoint-vmap"])
 @pytest.mark.parametrize("name", registry.NAMES)
-def test_every_normalizer_under_nested_vmaps_equals_one_device(name):
+def test_every_normalizer_under_nested_vmaps_equals_one_device(name, wrapped):
     """With ``axis_name=("a", "b")`` under two nested ``vmap``s (2 x 2 lanes, each with
     a slice of the input as the registry says), output, gradients with respect to
     the parameters and the input, and the new state equal one device with the
     whole input; the state comes out unbatched (``out_axes=None``), as Equinox
-    models return it."""
+    models return it. ``wrapped`` puts a ``scan``, a ``jit`` and a ``checkpoint``
+    between ``grad`` and the ``vmap``s, where JAX traces derivative rules after the
+    vmaps' axes are gone."""
     entry = registry.NORMALIZERS[name]
     kind, extra = entry.split
     if "momentum" in registry.fields(name):
         extra = {**extra, "momentum": 0.5}
+    if wrapped and "memory_efficient" in registry.fields(name):
+        extra = {**extra, "memory_efficient": True}
     nested, single = entry.build(axis_name=("a", "b"), **extra), entry.build(**extra)
     params = registry.example_params(single)
     _, state = single.init(registry.C)
@@ -449,9 +454,13 @@ def test_every_normalizer_under_nested_vmaps_equals_one_device(name):
             return nested.apply(p, state, x, training=True)
 
         inner = jax.vmap(lane, in_axes=axis, out_axes=(axis, None), axis_name="b")
-        y, new = jax.vmap(inner, in_axes=axis, out_axes=(axis, None), axis_name="a")(
-            x.reshape(lanes)
-        )
+        outer = jax.vmap(inner, in_axes=axis, out_axes=(axis, None), axis_name="a")
+        if wrapped:
+            step = jax.jit(jax.checkpoint(outer))
+            _, (y, new) = lax.scan(lambda c, xs: (c, step(xs)), None, x.reshape(1, *lanes))
+            y, new = jax.tree.map(lambda a: a[0], (y, new))
+        else:
+            y, new = outer(x.reshape(lanes))
         return y.reshape(shape), new
 
     def run_single(p, x):

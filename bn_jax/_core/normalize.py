@@ -29,6 +29,7 @@ is written for real input.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache, partial
 from typing import NamedTuple
 
@@ -49,6 +50,12 @@ class StatsConfig(NamedTuple):
     axis_name: AxisName | None = None
     axis_index_groups: Groups = None
     fast_variance: bool = False
+    # False where the statistics are pooled over a jax.vmap axis: JAX traces a
+    # custom derivative's rule lazily, and where a jit, scan or checkpoint sits
+    # between the vmap and the derivative (grad(jit(vmap(f)))), the rule is traced
+    # after the vmap is gone and its collective finds the axis unbound. There the
+    # forward pass is differentiated by JAX instead.
+    custom_derivative: bool = True
 
     def moments(self, x: jax.Array, mask: jax.Array | None = None) -> Moments:
         """The statistics of ``x`` this configuration describes (over ``axes``, across
@@ -115,6 +122,12 @@ def _batch_normalize(
 
 
 batch_normalize = jax.custom_jvp(_batch_normalize, nondiff_argnums=(4,))
+
+
+def normalizing_function(cfg: StatsConfig) -> Callable[..., tuple[jax.Array, ...]]:
+    """``batch_normalize`` (the fused derivative), or, without
+    ``cfg.custom_derivative``, the same forward pass for JAX to differentiate."""
+    return batch_normalize if cfg.custom_derivative else _batch_normalize
 
 
 @batch_normalize.defjvp

@@ -260,6 +260,12 @@ def _all_gather(
     return lax.all_gather(v, axis_name, axis_index_groups=axis_index_groups)
 
 
+def vmapped(axis_name: AxisName) -> bool:
+    """True where ``axis_name`` (bound) is mapped by ``jax.vmap`` rather than by
+    ``shard_map`` or ``pmap``."""
+    return not _all_manual(axis_name)
+
+
 def _all_manual(axis_name: AxisName) -> bool:
     """True under ``shard_map`` over ``axis_name`` (not under pmap or vmap)."""
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)

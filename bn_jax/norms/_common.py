@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bn_jax._core import checks
+from bn_jax._core import checks, stats
 from bn_jax._core.checks import Groups
-from bn_jax._core.normalize import StatsConfig, affine
+from bn_jax._core.normalize import StatsConfig, affine, normalizing_function
 from bn_jax._core.stats import group_sum
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
@@ -275,6 +275,7 @@ class Signature(NamedTuple):
     state: Shapes | None  # (name, shape) of each state entry; None if it is not a dict
     training: bool
     devices: int  # devices that share the statistics over axis_name (1 without)
+    vmapped: bool  # the statistics are pooled over a jax.vmap axis
 
     @property
     def ndim(self) -> int:
@@ -312,9 +313,10 @@ def check_call(
     x = jnp.asarray(x)
     if mask is not None:
         mask = checks.check_mask(mask, x.shape)
-    devices = 1
+    devices, vmapped = 1, False
     if norm.axis_name is not None and (training or sync_in_eval):
         devices = checks.bound_axis_size(norm.axis_name, norm.axis_index_groups, layer)
+        vmapped = stats.vmapped(norm.axis_name)
     shapes = None
     if isinstance(state, Mapping):
         shapes = tuple((k, tuple(jnp.shape(v))) for k, v in state.items())
@@ -325,6 +327,7 @@ def check_call(
         shapes,
         bool(training),
         devices,
+        vmapped,
     )
     return x, mask, sig
 
@@ -426,6 +429,7 @@ def stats_config(norm: StatsFields, axes: tuple[int, ...], sig: Signature) -> St
         norm.axis_name,
         norm.axis_index_groups,
         norm.use_fast_variance,
+        custom_derivative=not sig.vmapped,
     )
 
 
@@ -440,6 +444,7 @@ class Layout(NamedTuple):
     pshape: tuple[int, ...]  # ``features`` broadcastable against x
     cfg: StatsConfig  # the batch statistics: reduced axes, epsilon, output dtype, devices
     used: tuple[str, ...]  # the parameters in use ("scale", "bias")
+    normalize: Callable[..., tuple[jax.Array, ...]]  # batch_normalize, or its plain form
 
 
 @functools.lru_cache(maxsize=512)
@@ -455,9 +460,8 @@ def batch_layout(norm: BatchFields, layer: str, sig: Signature) -> Layout:
     reduce_axes = other_axes(sig.ndim, feature_axes)
     check_batch_values(norm, layer, sig, reduce_axes)
     cfg = stats_config(norm, reduce_axes, sig)
-    return Layout(
-        feature_axes, features, broadcast_shape(sig.ndim, feature_axes, features), cfg, used
-    )
+    pshape = broadcast_shape(sig.ndim, feature_axes, features)
+    return Layout(feature_axes, features, pshape, cfg, used, normalizing_function(cfg))
 
 
 def init_batch(norm: BatchFields, features: Any, key: jax.Array | None) -> tuple[Params, State]:

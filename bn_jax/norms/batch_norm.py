@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 
-from bn_jax._core.normalize import batch_normalize
 from bn_jax._core.running import update_running
 from bn_jax.norms import _common
 from bn_jax.norms._common import Mask, Params, State
@@ -114,7 +113,7 @@ class BatchNorm(_common.BatchFields):
             return _common.normalize_with(
                 x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype
             ), state
-        y, mean, var, count = batch_normalize(x, scale, bias, mask, lay.cfg)
+        y, mean, var, count = lay.normalize(x, scale, bias, mask, lay.cfg)
         return y, update_running(
             state, mean, var, count, momentum=self.momentum, unbiased=self.unbiased_running_var
         )

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bn_jax._core.normalize import batch_normalize
 from bn_jax._core.running import update_running
 from bn_jax._core.stats import normalizing_var
 from bn_jax.norms import _common
@@ -138,7 +137,7 @@ class BatchRenorm(_common.BatchFields):
                 x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype
             ), state
         scale, bias = _renorm_affine(self, lay, state["step"], x, mask, mean, var, scale, bias)
-        y, batch_mean, batch_var, count = batch_normalize(x, scale, bias, mask, lay.cfg)
+        y, batch_mean, batch_var, count = lay.normalize(x, scale, bias, mask, lay.cfg)
         new_state = update_running(
             state,
             batch_mean,

@@ -12,7 +12,7 @@ import numpy as np
 
 from bn_jax._core import checks
 from bn_jax._core.memory_efficient import layer_norm_saving_output
-from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax._core.normalize import StatsConfig, normalizing_function
 from bn_jax.norms import _common
 from bn_jax.norms._common import Mask, Params, Signature, State
 
@@ -138,10 +138,10 @@ class GroupNorm(_common.NormFields):
             else:
                 mask = mask.reshape((*mask.shape[:c], *lay.split[c : c + 2], *mask.shape[c + 1 :]))
         xg = x.reshape(lay.split)
-        if self.memory_efficient:
+        if self.memory_efficient and lay.cfg.custom_derivative:
             y = layer_norm_saving_output(xg, scale, bias, mask, lay.cfg)
         else:
-            y = batch_normalize(xg, scale, bias, mask, lay.cfg)[0]
+            y = normalizing_function(lay.cfg)(xg, scale, bias, mask, lay.cfg)[0]
         return y.reshape(x.shape), state
 
 

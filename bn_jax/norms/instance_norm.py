@@ -10,7 +10,7 @@ from typing import Any
 import jax
 
 from bn_jax._core import checks
-from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax._core.normalize import StatsConfig, normalizing_function
 from bn_jax._core.running import update_running
 from bn_jax.norms import _common
 from bn_jax.norms._common import Mask, Params, Signature, State
@@ -131,7 +131,7 @@ class InstanceNorm(_common.NormFields):
             return _common.normalize_with(
                 x, mean, var, scale, bias, self.epsilon, cfg.out_dtype
             ), state
-        y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
+        y, mean, var, count = normalizing_function(cfg)(x, scale, bias, mask, cfg)
         if not (track and training):
             return y, state
         # Statistics are already merged over axis_name (it splits the spatial

@@ -10,7 +10,7 @@ import jax
 
 from bn_jax._core import checks
 from bn_jax._core.memory_efficient import layer_norm_saving_output
-from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax._core.normalize import StatsConfig, normalizing_function
 from bn_jax.norms import _common
 from bn_jax.norms._common import Mask, Params, Signature, State
 
@@ -96,9 +96,9 @@ class LayerNorm(_common.NormFields):
         pshape, used, cfg = _layout(self, sig)
         scale, bias = (params[n].reshape(pshape) if n in used else None for n in ("scale", "bias"))
         scale = _common.zero_centered(scale, self.zero_centered_scale)
-        if self.memory_efficient:
+        if self.memory_efficient and cfg.custom_derivative:
             return layer_norm_saving_output(x, scale, bias, mask, cfg), state
-        return batch_normalize(x, scale, bias, mask, cfg)[0], state
+        return normalizing_function(cfg)(x, scale, bias, mask, cfg)[0], state
 
 
 @functools.lru_cache(maxsize=256)

@@ -103,7 +103,7 @@ class RMSNorm:
         pshape, cfg = _layout(self, sig)
         scale = params["scale"].reshape(pshape) if self.use_scale else None
         scale = _common.zero_centered(scale, self.zero_centered_scale)
-        if self.memory_efficient:
+        if self.memory_efficient and cfg.custom_derivative:
             return rms_norm_saving_output(x, scale, mask, cfg), state
         # Differentiated by JAX: the formula is already one reduction and one
         # elementwise pass each way.
@@ -132,6 +132,7 @@ def _layout(norm: RMSNorm, sig: Signature) -> tuple[tuple[int, ...], StatsConfig
         _common.out_dtype(norm.dtype, sig),
         norm.axis_name,
         norm.axis_index_groups,
+        custom_derivative=not sig.vmapped,
     )
     return _common.broadcast_shape(sig.ndim, feature_axes, features), cfg
 

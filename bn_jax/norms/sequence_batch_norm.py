@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 from jax import lax
 
 from bn_jax._core import checks
-from bn_jax._core.normalize import StatsConfig, batch_normalize
+from bn_jax._core.normalize import StatsConfig, normalizing_function
 from bn_jax._core.running import update_running
 from bn_jax.norms import _common
 from bn_jax.norms._common import Mask, Params, Signature, State
@@ -152,7 +153,7 @@ class SequenceBatchNorm(_common.BatchFields):
             return _common.normalize_with(
                 x, mean, var, scale, bias, self.epsilon, lay.cfg.out_dtype
             ), state
-        y, *stats = batch_normalize(x, scale, bias, mask, lay.cfg)
+        y, *stats = lay.normalize(x, scale, bias, mask, lay.cfg)
         k = min(steps, self.max_steps)  # steps past max_steps leave the state alone
         stats = [_take(v, lay.time_axes)[:k] for v in stats]
         new = update_running(
@@ -170,6 +171,7 @@ class _Layout(NamedTuple):
     pshape: tuple[int, ...]  # the features broadcastable against x
     used: tuple[str, ...]  # the parameters in use
     cfg: StatsConfig
+    normalize: Callable[..., tuple[jax.Array, ...]]  # batch_normalize, or its plain form
 
 
 @functools.lru_cache(maxsize=256)
@@ -199,7 +201,7 @@ def _layout(norm: SequenceBatchNorm, sig: Signature, step_mode: bool) -> _Layout
     _common.check_batch_values(norm, layer, sig, reduce_axes)
     cfg = _common.stats_config(norm, reduce_axes, sig)
     pshape = tuple(sig.shape[a] if a in feature_axes else 1 for a in range(sig.ndim))
-    return _Layout(time, time_axes, pshape, used, cfg)
+    return _Layout(time, time_axes, pshape, used, cfg, normalizing_function(cfg))
 
 
 def _axes(norm: SequenceBatchNorm, ndim: int, *, step_mode: bool) -> tuple[int, tuple[int, ...]]:
@@ -245,7 +247,7 @@ def _apply_step(
         return _common.normalize_with(
             x, mean, var, scale, bias, norm.epsilon, lay.cfg.out_dtype
         ), state
-    y, *stats = batch_normalize(x, scale, bias, mask, lay.cfg)
+    y, *stats = lay.normalize(x, scale, bias, mask, lay.cfg)
     new = update_running(old, *stats, momentum=norm.momentum, unbiased=norm.unbiased_running_var)
     in_range = (step >= 0) & (step < norm.max_steps)
     return y, {
