@@ -398,7 +398,11 @@ def _call(module: Any, cls: Any, x: Any, training: bool, mask: Any, **kwargs: An
         name: module.variable("batch_stats", name, _initial, norm, x, name, float32_stats)
         for name in state_specs
     }
-    dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
+    # Flax's rule under JAX's standard promotion, whatever jax_numpy_dtype_promotion
+    # says: under "strict", Flax's own layers raise for bfloat16 x with float32
+    # parameters; the core promotes explicitly in the same way.
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
     if dtype != norm.dtype:
         norm = _layers.normalizer(cls, module, {**changes, "dtype": dtype})
     state = {name: v.value for name, v in stats.items()}

@@ -713,18 +713,25 @@ def _call(module: Any, cls: Any, x: Any, training: bool, mask: Any, **kwargs: An
     params = {name: getattr(module, name)[...] for name in param_specs}
     stats = {name: getattr(module, name) for name in state_specs}
     promote = getattr(module, "promote_dtype", None)
-    if promote is not None:  # Flax's promotion: (x, [mean, var,] scale[, bias])
-        names = ("scale", "bias") if _has_bias(cls) else ("scale",)
-        running = (
-            [stats[n][...] for n in ("mean", "var")] if isinstance(module, _PROMOTES_STATS) else []
-        )
-        x, *promoted = promote((x, *running, *(params.get(n) for n in names)), dtype=module.dtype)
-        params = dict(zip(names, promoted[len(running) :], strict=True))
-        params = {name: value for name, value in params.items() if name in param_specs}
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    dtype = canonicalize_dtype(x, *params.values(), dtype=module.dtype)
+    # Flax's rules under JAX's standard promotion, whatever jax_numpy_dtype_promotion
+    # says: under "strict", Flax's own layers raise for bfloat16 x with float32
+    # parameters; the core promotes explicitly in the same way.
+    with jax.numpy_dtype_promotion("standard"):
+        if promote is not None:  # Flax's promotion: (x, [mean, var,] scale[, bias])
+            names = ("scale", "bias") if _has_bias(cls) else ("scale",)
+            running = (
+                [stats[n][...] for n in ("mean", "var")]
+                if isinstance(module, _PROMOTES_STATS)
+                else []
+            )
+            args = (x, *running, *(params.get(n) for n in names))
+            x, *promoted = promote(args, dtype=module.dtype)
+            params = dict(zip(names, promoted[len(running) :], strict=True))
+            params = {name: value for name, value in params.items() if name in param_specs}
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        dtype = canonicalize_dtype(x, *params.values(), dtype=module.dtype)
     norm = _layers.normalizer(cls, module, {**changes, "dtype": dtype})
     state = {name: v[...] for name, v in stats.items()}
     y, new = norm.apply(params, state, x, training=training, mask=mask, **kwargs)

@@ -10,12 +10,14 @@ float32 and bfloat16 input, training and evaluation, without a mask and with
 a mask of lower rank than the input, under ``jit`` and ``grad``, and with
 ``axis_name`` under ``vmap`` and ``shard_map``. The results must be the ones
 the default settings give, bit for bit: the strict settings change what is
-allowed, never the numbers.
+allowed, never the numbers. The last test does the same for every
+``bn_jax.linen`` and ``bn_jax.nnx`` layer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 
@@ -159,3 +161,50 @@ def test_strict_promotion_across_devices(name, transform):
         assert np.isfinite(np.asarray(y, np.float32)).all()
         for k, v in new.items():  # one copy of the state per device, as stored
             assert (v.shape[1:], v.dtype) == (state[k].shape, state[k].dtype), k
+
+
+# Constructor options for a (4, 3, 6) input, channels last.
+FLAX_OPTIONS = {
+    "GroupNorm": {"num_groups": 2},
+    "EvoNormS0": {"num_groups": 2},
+    "GhostBatchNorm": {"virtual_batch_size": 2},
+    "SequenceBatchNorm": {"max_steps": 3},
+}
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_flax_layers_under_strict_promotion(framework):
+    """Every ``bn_jax.linen`` / ``bn_jax.nnx`` layer with bfloat16 input and float32
+    parameters, training then evaluation, under the strict settings: Flax's own
+    layers raise there (no implicit bfloat16/float32 promotion); ours give the
+    output of the default settings, bit for bit, in Flax's promoted dtype."""
+    from flax import nnx
+
+    from bn_jax import linen as bnn
+    from bn_jax import nnx as bnnx
+
+    x = jax.random.normal(jax.random.key(0), (4, 3, 6), jnp.bfloat16)
+    module = bnn if framework == "linen" else bnnx
+
+    def run(name):
+        cls, kw = getattr(module, name), FLAX_OPTIONS.get(name, {})
+        if framework == "nnx":
+            layer = cls(6, rngs=nnx.Rngs(0), **kw)
+            y = layer(x)
+            layer.eval()
+            return y, layer(x)
+        if "use_running_average" in {f.name for f in dataclasses.fields(cls)}:
+            kw = {**kw, "use_running_average": False}
+        layer = cls(**kw)
+        variables = layer.init(jax.random.key(0), x)
+        y, updates = layer.apply(variables, x, mutable=True)
+        return y, layer.apply({**variables, **updates}, x, mutable=True)[0]
+
+    for name in module.__all__:
+        if not isinstance(getattr(module, name), type):
+            continue
+        expected = run(name)
+        with strict():
+            got = run(name)
+        assert got[0].dtype == jnp.float32, name
+        chex.assert_trees_all_equal(got, expected, custom_message=name)
