@@ -90,6 +90,14 @@ def check_overrides(classes: Any, overrides: Mapping[str, Any]) -> None:
             f"unknown bn_jax option(s) {unknown}; the options are the fields of the bn_jax "
             f"normalizers, e.g. axis_name, use_fast_variance, unbiased_running_var."
         )
+    if overrides.get("zero_centered_scale"):
+        # The layers' stored scale would be read as 1 + scale: a trained (or fresh,
+        # all-ones) scale would double the output.
+        raise ValueError(
+            "zero_centered_scale=True cannot be set on existing layers: their stored scale "
+            "would be read as 1 + scale. Build the layer with zero_centered_scale=True (its "
+            "scale then starts at 0), or store scale - 1 in a model built that way."
+        )
 
 
 def stored(new: jax.Array, old: jax.Array) -> jax.Array:

@@ -145,6 +145,28 @@ def test_patch_rejects_unknown_options_and_restores_flax():
     assert vars(nn.LayerNorm)["__call__"] is saved
 
 
+def test_zero_centered_scale_is_refused_on_existing_layers():
+    """``zero_centered_scale`` changes what a stored scale means (``1 + scale``), so
+    neither ``patch`` nor ``convert`` sets it: a Flax layer's scale of ones would
+    double its output. The model is left as it was."""
+    message = r"zero_centered_scale=True cannot be set on existing layers"
+    with pytest.raises(ValueError, match=message):
+        with bnn.patch(zero_centered_scale=True):
+            pass
+    layer = nnx.LayerNorm(4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=message):
+        bnnx.convert(layer, zero_centered_scale=True)
+    assert type(layer) is nnx.LayerNorm
+    x = jnp.arange(8.0).reshape(2, 4)
+    with bnn.patch(zero_centered_scale=False):  # the default is accepted; no patch left active
+        y = nn.LayerNorm().init_with_output(jax.random.key(0), x)[0]
+    chex.assert_trees_all_close(
+        y,
+        nn.LayerNorm(use_fast_variance=False).init_with_output(jax.random.key(0), x)[0],
+        atol=1e-6,
+    )
+
+
 # -- nnx: convert ---------------------------------------------------------------------
 
 NNX = {

@@ -52,10 +52,13 @@ class LayerNorm(_common.NormFields):
         to ``|bias|``; reverse mode only (``jax.jvp`` raises). See the
         memory-efficient page of the docs.
       zero_centered_scale: multiply by ``1 + scale`` instead of ``scale``, with
-        ``scale`` starting at 0 (the default ``scale_init`` then gives zeros):
-        weight decay on ``scale`` pulls the layer towards the identity scale
-        rather than towards 0. Gemma's norms and NVIDIA Transformer Engine's
-        ``zero_centered_gamma`` store the scale this way.
+        ``scale`` starting at 0 (``scale_init`` ``ones``, the default, then gives
+        zeros; any other initializer gives the stored value): weight decay on
+        ``scale`` pulls the layer towards the identity scale rather than
+        towards 0. Gemma's norms and NVIDIA Transformer Engine's
+        ``zero_centered_gamma`` store the scale this way. Set it when building
+        a layer: ``patch`` and ``convert`` refuse it, as an existing layer's
+        scale would be read as ``1 + scale``.
 
     Example::
 
