@@ -16,8 +16,9 @@ order and static-ness), its call signature, its state layout
 ``inference`` / ``eqx.nn.inference_mode`` and ``Sequential`` behaviour, so
 that a model and its serialised leaves keep working and ``isinstance`` checks
 against Equinox's classes still pass. bn_jax's options come after Equinox's
-arguments, keyword-only, as static fields. :class:`BatchRenorm` and
-:class:`SequenceBatchNorm` are Equinox stateful layers in the same style.
+arguments, keyword-only, as static fields. :class:`BatchRenorm`,
+:class:`GhostBatchNorm` and :class:`SequenceBatchNorm` are Equinox stateful
+layers in the same style.
 :func:`convert` swaps the norm layers of an existing model;
 :func:`recalibrate` recomputes the BatchNorm statistics of a model's state.
 The deliberate differences from Equinox are listed on the documentation's
@@ -40,13 +41,14 @@ import bn_jax
 from bn_jax import _layers, _recalibrate
 from bn_jax._core import checks
 from bn_jax._core.running import update_running
-from bn_jax._core.stats import Moments, moments, normalizing_var
+from bn_jax._core.stats import Moments, moments, normalizing_var, vmapped
 from bn_jax._model_tools import calls_of
 from bn_jax.norms import _common
 
 __all__ = [
     "BatchNorm",
     "BatchRenorm",
+    "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
@@ -968,6 +970,225 @@ def _core_sequence_batch_norm(layer: SequenceBatchNorm, param_dtype: Any) -> Any
             "param_dtype": param_dtype,
         },
     )
+
+
+class GhostBatchNorm(eqx.nn.StatefulLayer):
+    r"""Ghost Batch Normalization as an Equinox stateful layer, computed by
+    :class:`bn_jax.GhostBatchNorm`.
+
+    Called like :class:`BatchNorm`: on one example ``x`` of shape
+    ``(input_size, *spatial)`` under ``jax.vmap`` with ``axis_name``, with an
+    ``eqx.nn.State``. The examples of the mapped axis are split into virtual
+    batches of ``v = virtual_batch_size`` consecutive examples (lanes
+    ``0..v-1``, ``v..2v-1``, ...), and each is normalized with its own
+    statistics; the running statistics move once per step towards the
+    average of the virtual batches' means and (biased) variances::
+
+        x in virtual batch j -> (x - mu_j) / sqrt(var_j + eps) * weight + bias
+        running = momentum * running + (1 - momentum) * mean_j(mu_j, var_j)
+
+    Inference normalizes with the running statistics (mean 0 and variance 1
+    before any step). The state (one ``StateIndex``, ``state_index``) holds
+    :class:`bn_jax.GhostBatchNorm`'s state, ``{"mean", "var"}`` (plus
+    ``"count"`` with ``momentum=None``, ``"skipped"`` with ``count_skipped``),
+    unbatched under the ``vmap`` (``out_axes=None``, as for BatchNorm).
+
+    With a tuple of names, the virtual batches are cut from the *last*
+    name's axis (the ``vmap`` over examples) and the earlier names (a
+    ``shard_map`` / ``pmap`` device axis, an outer ``vmap``) only share the
+    running-statistic update, as ``axis_name`` does for
+    :class:`bn_jax.GhostBatchNorm`: ``axis_name=("devices", "batch")``
+    normalizes virtual batches within each device's examples and keeps the
+    same running statistics on every device.
+
+    How it is computed: in training the layer gathers the examples of the
+    last axis (``lax.all_gather``; under ``vmap`` that is a relayout, not a
+    collective, and the normalizer then runs once on the whole mapped batch,
+    not once per example), runs :class:`bn_jax.GhostBatchNorm` on them and
+    returns this example's row. If the last name is a device axis
+    (``pmap`` / ``shard_map`` with one example per device), the gather is a
+    real collective that copies every example to every device: put the
+    examples under a ``vmap`` inside and name it last instead.
+
+    Args:
+      **BatchNorm's arguments**: ``input_size``, ``axis_name``, ``eps``,
+        ``channelwise_affine``, ``momentum``, ``inference``, ``dtype``, as in
+        :class:`BatchNorm` (``momentum`` is the weight of the old running
+        statistics; None keeps the cumulative average). ``axis_name`` is
+        required: the virtual batches are groups of its examples.
+      virtual_batch_size: examples per virtual batch (keyword only,
+        required); it must divide the size of the last axis of
+        ``axis_name``.
+      **BatchNorm's options**: ``use_fast_variance``,
+        ``unbiased_running_var``, ``allow_single_value`` (per virtual batch:
+        ``virtual_batch_size=1`` trains on one value per channel),
+        ``count_skipped``, as in :class:`BatchNorm`; ``axis_index_groups``
+        groups the devices of the earlier names of ``axis_name`` that share
+        the running update.
+
+    Raises:
+      ValueError: ``axis_name`` is None or empty, ``axis_index_groups``
+        without an earlier name to group, or (at the call) a
+        ``virtual_batch_size`` that does not divide the mapped axis.
+
+    Example::
+
+        layer, state = eqx.nn.make_with_state(bnx.GhostBatchNorm)(
+            64, "batch", virtual_batch_size=16)
+        y, state = jax.vmap(layer, axis_name="batch", in_axes=(0, None),
+                            out_axes=(0, None))(x, state)  # x.shape[0] % 16 == 0
+
+    Reference: E. Hoffer, I. Hubara and D. Soudry, "Train longer, generalize
+    better: closing the generalization gap in large batch training of neural
+    networks", NeurIPS 2017.
+    """
+
+    weight: jax.Array | None
+    bias: jax.Array | None
+    state_index: StateIndex[dict[str, jax.Array]]
+    axis_name: Hashable | Sequence[Hashable]
+    inference: bool
+    input_size: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
+    virtual_batch_size: int = eqx.field(static=True)
+    use_fast_variance: bool = eqx.field(static=True)
+    unbiased_running_var: bool = eqx.field(static=True)
+    allow_single_value: bool = eqx.field(static=True)
+    count_skipped: bool = eqx.field(static=True)
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        axis_name: Hashable | Sequence[Hashable],
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        momentum: float | None = 0.99,
+        inference: bool = False,
+        dtype: Any = None,
+        *,
+        virtual_batch_size: int,
+        use_fast_variance: bool = False,
+        unbiased_running_var: bool = False,
+        allow_single_value: bool = True,
+        count_skipped: bool = False,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        self.axis_name = axis_name
+        self.inference = inference
+        self.input_size = input_size
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
+        self.momentum = momentum
+        self.virtual_batch_size = virtual_batch_size
+        self.use_fast_variance = use_fast_variance
+        self.unbiased_running_var = unbiased_running_var
+        self.allow_single_value = allow_single_value
+        self.count_skipped = count_skipped
+        _, shared = _ghost_axes(axis_name)
+        if axis_index_groups is not None and shared is None:
+            raise ValueError(
+                f"GhostBatchNorm: axis_index_groups group the devices of the names before "
+                f"the last in axis_name (those that share the running statistics); "
+                f"axis_name={axis_name!r} has none. Pass e.g. axis_name=('devices', "
+                f"{axis_name!r}), or no axis_index_groups."
+            )
+        self.axis_index_groups = checks.canonical_groups(axis_index_groups, shared)
+        params, state = _core_ghost_batch_norm(self, _float_dtype(dtype)).init(input_size)
+        self.weight, self.bias = params.get("scale"), params.get("bias")
+        self.state_index = StateIndex(state)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        state: State,
+        *,
+        key: jax.Array | None = None,
+        inference: bool | None = None,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, State]:
+        """Normalizes one example ``x`` of shape ``(input_size, *spatial)``; arguments
+        and result as :meth:`BatchNorm.__call__`.
+
+        Raises:
+          NameError: training with an ``axis_name`` that no ``vmap`` / ``pmap`` /
+            ``shard_map`` binds (as :class:`BatchNorm`).
+          ValueError: ``virtual_batch_size`` does not divide the size of the last
+            axis of ``axis_name``.
+        """
+        del key
+        training = not (self.inference if inference is None else inference)
+        return _ghost_batch_norm_call(self, x, state, training, mask)
+
+
+def _ghost_axes(axis_name: Any) -> tuple[Hashable, Any]:
+    """``(examples, shared)``: the name whose examples form the virtual batches (the
+    last), and the names that only share the running update (None if there are none)."""
+    names = _names(axis_name)
+    if names is None or names == ():
+        raise ValueError(
+            f"GhostBatchNorm needs axis_name: its virtual batches are groups of the examples "
+            f"of the mapped axis; got axis_name={axis_name!r}. Pass the name of the jax.vmap "
+            f"over the examples, e.g. axis_name='batch'."
+        )
+    if not isinstance(names, tuple):
+        return names, None
+    shared = names[:-1]
+    return names[-1], (shared[0] if len(shared) == 1 else shared or None)
+
+
+def _core_ghost_batch_norm(layer: GhostBatchNorm, param_dtype: Any) -> bn_jax.GhostBatchNorm:
+    """The core GhostBatchNorm on the gathered examples ``(batch, input_size, *spatial)``:
+    channel axis 1, synchronized over the names before the last."""
+    return _layers.normalizer(
+        bn_jax.GhostBatchNorm,
+        layer,
+        {
+            "epsilon": layer.eps,
+            "axis": 1,
+            "axis_name": _ghost_axes(layer.axis_name)[1],
+            "use_scale": layer.channelwise_affine,
+            "use_bias": layer.channelwise_affine,
+            "param_dtype": param_dtype,
+        },
+    )
+
+
+def _ghost_batch_norm_call(
+    layer: GhostBatchNorm, x: Any, state: State, training: bool, mask: Any
+) -> tuple[jax.Array, State]:
+    norm = _core_ghost_batch_norm(layer, _param_dtype(layer.weight, layer.bias))
+    params, stats = _params(layer.weight, layer.bias), state.get(layer.state_index)
+    x = jnp.asarray(x)
+    if not training:  # per example: no axis needed
+        y, _ = norm.apply(params, stats, x[None], training=False, mask=mask)
+        return y[0], state
+    _check_bound(_names(layer.axis_name), "GhostBatchNorm")
+    examples = _ghost_axes(layer.axis_name)[0]
+    size, v = lax.axis_size(examples), layer.virtual_batch_size
+    if size % v:
+        raise ValueError(
+            f"GhostBatchNorm: virtual_batch_size={v} does not divide the {size} examples "
+            f"of the mapped axis {examples!r} (the last name of axis_name); map the layer "
+            f"over a multiple of {v} examples, or use a virtual_batch_size among the "
+            f"divisors of {size}."
+        )
+    # The examples of the mapped axis as one batch: under vmap all_gather is a
+    # relayout whose result is unbatched, so the normalizer (and the new state)
+    # is computed once, and the state leaves the vmap with out_axes=None. Under
+    # shard_map the gathered batch is the same on every device: say so, so that
+    # the state is returned replicated (P()).
+    to = "varying" if vmapped(examples) else "invarying"
+    batch = lax.all_gather(x, examples, to=to)
+    if mask is not None:
+        mask = checks.check_mask(mask, x.shape)
+        mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+        mask = lax.all_gather(mask, examples, to=to)
+    y, new = norm.apply(params, stats, batch, training=True, mask=mask)
+    y = lax.dynamic_index_in_dim(y, lax.axis_index(examples), keepdims=False)
+    return y, _set(state, layer.state_index, new)
 
 
 class InstanceNorm(eqx.Module):

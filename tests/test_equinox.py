@@ -504,6 +504,7 @@ def test_strict_numpy_settings():
         ((bnx.GroupNorm(C, C), None), False),
         ((bnx.InstanceNorm(C), None), False),
         (eqx.nn.make_with_state(bnx.BatchRenorm)(C, "batch"), True),
+        (eqx.nn.make_with_state(bnx.GhostBatchNorm)(C, "batch", virtual_batch_size=4), True),
     ]
     with (
         jax.numpy_dtype_promotion("strict"),
@@ -753,6 +754,273 @@ def test_family_layers_equal_the_normalizer_on_the_whole_batch(name):
     np.testing.assert_allclose(y, from_core(np.asarray(y_core)), rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------------------- GhostBatchNorm
+
+GHOST_W, GHOST_B = np.array([1.5, 0.5, -1.0], np.float32), np.array([0.0, 1.0, -2.0], np.float32)
+
+
+def make_ghost(axis_name="batch", virtual_batch_size=4, **kw):
+    """A GhostBatchNorm with a non-trivial weight and bias, and its state."""
+    layer, state = eqx.nn.make_with_state(bnx.GhostBatchNorm)(
+        C, axis_name, momentum=0.5, virtual_batch_size=virtual_batch_size, **kw
+    )
+    layer = eqx.tree_at(lambda m: (m.weight, m.bias), layer, (GHOST_W, GHOST_B))
+    return layer, state
+
+
+@eqx.filter_jit
+def _ghost_step(layer, x, state, g, mask):
+    """Equinox's way: the layer on one example under ``vmap(axis_name="batch")``;
+    ``(y, new_state, d/d(weight, bias, x) of sum(y * g))``."""
+
+    def loss(wbx):
+        model = eqx.tree_at(lambda m: (m.weight, m.bias), layer, wbx[:2])
+        run = jax.vmap(
+            lambda x, m, s: model(x, s, mask=m),
+            axis_name="batch",
+            in_axes=(0, 0, None),
+            out_axes=(0, None),
+        )
+        y, new = run(wbx[2], mask, state)
+        return jnp.sum(y * g), (y, new)
+
+    grads, (y, new) = jax.grad(loss, has_aux=True)((layer.weight, layer.bias, x))
+    return y, new, grads
+
+
+@partial(jax.jit, static_argnums=0)
+def _core_ghost_step(norm, params, x, state, g, mask):
+    """The core normalizer on the whole batch: ``(y, new_state, d/d(scale, bias, x))``."""
+
+    def loss(sbx):
+        y, new = norm.apply(
+            {"scale": sbx[0], "bias": sbx[1]}, state, sbx[2], training=True, mask=mask
+        )
+        return jnp.sum(y * g), (y, new)
+
+    grads, (y, new) = jax.grad(loss, has_aux=True)((params["scale"], params["bias"], x))
+    return y, new, grads
+
+
+def _plain_ghost(w, b, x, mask, v):
+    """Ghost BatchNorm as a textbook formula (``ref.plain_bn`` on each run of ``v``
+    examples), for ``jax.grad`` references."""
+    parts = []
+    for i in range(0, x.shape[0], v):
+        m = None if mask is None else mask[i : i + v]
+        parts.append(ref.plain_bn(x[i : i + v], w, b, axis=1, mask=m))
+    return jnp.concatenate(parts)
+
+
+def test_ghost_batch_norm_equals_the_core_and_float64():
+    """Under ``eqx.filter_jit`` + ``vmap(axis_name="batch")``, over two steps (the
+    second masked): output, gradients wrt weight, bias and x, and the new (unbatched)
+    state equal :class:`bn_jax.GhostBatchNorm` on the whole batch, float64 Ghost
+    BatchNorm (each run of 4 examples normalized on its own; the running statistics
+    move towards the count-weighted average of the runs' statistics), and
+    ``jax.grad`` of the textbook formula."""
+    layer, state = make_ghost()
+    norm = bn_jax.GhostBatchNorm(virtual_batch_size=4, axis=1, momentum=0.5)
+    params = {"scale": jnp.asarray(GHOST_W), "bias": jnp.asarray(GHOST_B)}
+    core_state = norm.init(C)[1]
+    state64 = {"mean": np.zeros(C), "var": np.ones(C)}
+    rng = np.random.default_rng(20)
+    masks = [None, rng.random((16, 1, 2)) > 0.3]  # per example (1, 2): broadcast over C
+    for step, mask in enumerate(masks):
+        x = data(21 + step)
+        g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+        y, state, grads = _ghost_step(layer, jnp.asarray(x), state, g, mask)
+        y_core, core_state, grads_core = _core_ghost_step(
+            norm, params, jnp.asarray(x), core_state, g, mask
+        )
+        y64, state64 = ref.ghost_batch_norm_step(
+            x,
+            GHOST_W,
+            GHOST_B,
+            state64,
+            axis=1,
+            eps=1e-5,
+            momentum=0.5,
+            virtual_batch_size=4,
+            mask=mask,
+        )
+        new = state.get(layer.state_index)
+        assert new["mean"].shape == (C,)  # unbatched: it left the vmap with out_axes=None
+        np.testing.assert_allclose(y, y_core, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(new, core_state, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(grads, grads_core, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y, y64, rtol=1e-4, atol=1e-5)
+        for k in ("mean", "var"):
+            np.testing.assert_allclose(new[k], state64[k], rtol=1e-5, err_msg=k)
+        plain = jax.jit(
+            jax.grad(lambda w, b, x, m, g: jnp.sum(_plain_ghost(w, b, x, m, 4) * g), (0, 1, 2))
+        )
+        expected = plain(params["scale"], params["bias"], jnp.asarray(x), mask, g)
+        for got, want in zip(grads, expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ghost_batch_norm_inference_uses_the_running_statistics():
+    """Inference (the field, ``eqx.nn.inference_mode`` or the call argument) normalizes
+    each example with the state's statistics (mean 0 and var 1 before training), needs
+    no bound axis and leaves the state as it is."""
+    layer, state = make_ghost()
+    x = data(24)
+    frozen = eqx.nn.inference_mode(layer)
+    y, same = jbatched(frozen)(jnp.asarray(x), state)
+    start = ref.bn_eval(x, np.zeros(C), np.ones(C), GHOST_W, GHOST_B, axis=1)
+    np.testing.assert_allclose(y, start, rtol=1e-6)
+    _, state, _ = _ghost_step(layer, jnp.asarray(x), state, jnp.ones(x.shape), None)
+    stats = state.get(layer.state_index)
+    want = ref.bn_eval(x, stats["mean"], stats["var"], GHOST_W, GHOST_B, axis=1)
+    y, same = jbatched(frozen)(jnp.asarray(x), state)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal(same, state)
+    y, same = jbatched(lambda x, s: layer(x, s, inference=True))(jnp.asarray(x), state)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal(same, state)
+    y0, _ = frozen(jnp.asarray(x[0]), state)  # one example, no vmap
+    np.testing.assert_allclose(y0, want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_batch_norm_in_sequential_and_bfloat16():
+    """In ``eqx.nn.Sequential`` it is called with the state, as by hand; bf16 input
+    gives bf16 output within bf16 rounding of the float32 call, and a float32 state."""
+    key = jax.random.key(3)
+    layers = [
+        eqx.nn.Conv1d(C, 4, 1, key=key),
+        bnx.GhostBatchNorm(4, "batch", virtual_batch_size=4),
+        eqx.nn.Lambda(jnp.ravel),
+        bnx.LayerNorm(8),
+    ]
+    seq, state = eqx.nn.make_with_state(eqx.nn.Sequential)(layers)
+    assert seq.is_stateful()
+    x = jnp.asarray(data(25))
+    y, new = jbatched(seq)(x, state)
+
+    def by_hand(x, state):
+        h, state = seq.layers[1](seq.layers[0](x), state)
+        return seq.layers[3](jnp.ravel(h)), state
+
+    y2, new2 = jbatched(by_hand)(x, state)
+    np.testing.assert_array_equal(y, y2)
+    chex.assert_trees_all_equal(new, new2)
+
+    layer, state = make_ghost()
+    step = jbatched(layer)
+    x32 = jnp.asarray(data(26)).astype(jnp.bfloat16).astype(jnp.float32)
+    y16, s16 = step(x32.astype(jnp.bfloat16), state)
+    y32, s32 = step(x32, state)
+    assert y16.dtype == jnp.bfloat16
+    chex.assert_trees_all_equal_shapes_and_dtypes(s16, state)
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=3e-2, rtol=1e-2)
+    chex.assert_trees_all_close(s16, s32, rtol=1e-6)
+
+
+def test_ghost_batch_norm_on_devices_and_nested_vmaps():
+    """Virtual batches are runs of the last name's examples; earlier names share the
+    running update. On 8 devices with 4 examples each (``("d", "b")``, runs of 2) and
+    under two nested vmaps, output and state are float64 Ghost BatchNorm of the whole
+    batch, and the compiled step has one all-reduce (the running update) and no
+    gather. With one example per device (``"d"``, runs of 4, shard_map's default
+    checks) the state comes back replicated."""
+    require_devices(8)
+    x = data(27, shape=(32, C, 2))
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    fresh = {"mean": np.zeros(C), "var": np.ones(C)}
+
+    def check(y, new, v, x=x):
+        y64, s64 = ref.ghost_batch_norm_step(
+            x, GHOST_W, GHOST_B, fresh, axis=1, eps=1e-5, momentum=0.5, virtual_batch_size=v
+        )
+        np.testing.assert_allclose(np.asarray(y).reshape(x.shape), y64, rtol=1e-4, atol=1e-5)
+        for k in ("mean", "var"):
+            np.testing.assert_allclose(new[k], s64[k], rtol=1e-5, err_msg=k)
+
+    layer, state = make_ghost(("d", "b"), virtual_batch_size=2)
+    per_device = jax.vmap(layer, axis_name="b", in_axes=(0, None), out_axes=(0, None))
+    f = jax.jit(
+        jax.shard_map(
+            per_device, mesh=mesh, in_specs=(P("d"), P()), out_specs=(P("d"), P()), check_vma=False
+        )
+    )
+    y, new = f(jnp.asarray(x), state)
+    check(y, new.get(layer.state_index), 2)
+    hlo = f.lower(jnp.asarray(x), state).compile().as_text()
+    assert " all-gather(" not in hlo and " all-gather-start(" not in hlo
+    assert len([line for line in hlo.splitlines() if " all-reduce(" in line]) == 1, hlo
+
+    layer, state = make_ghost(("a", "b"), virtual_batch_size=2)
+    inner = jax.vmap(layer, axis_name="b", in_axes=(0, None), out_axes=(0, None))
+    outer = jax.vmap(inner, axis_name="a", in_axes=(0, None), out_axes=(0, None))
+    y, new = jax.jit(outer)(jnp.asarray(x).reshape(8, 4, C, 2), state)
+    check(y, new.get(layer.state_index), 2)
+
+    layer, state = make_ghost("d")
+    one = jax.shard_map(
+        lambda x, s: (lambda y, s: (y[None], s))(*layer(x[0], s)),
+        mesh=mesh,
+        in_specs=(P("d"), P()),
+        out_specs=(P("d"), P()),
+    )
+    y, new = jax.jit(one)(jnp.asarray(x[:8]), state)
+    check(y, new.get(layer.state_index), 4, x=x[:8])
+
+
+def test_ghost_batch_norm_errors():
+    layer, state = make_ghost()
+    x = jnp.asarray(data(28, shape=(6, C, 2)))
+    with pytest.raises(
+        ValueError,
+        match=r"virtual_batch_size=4 does not divide the 6 examples of the mapped axis "
+        r"'batch' \(the last name of axis_name\)",
+    ):
+        batched(layer)(x, state)
+    with pytest.raises(NameError, match=r"GhostBatchNorm: axis_name='batch' is not bound"):
+        layer(x[0], state)
+    with pytest.raises(ValueError, match=r"GhostBatchNorm needs axis_name.*got axis_name=None"):
+        bnx.GhostBatchNorm(C, None, virtual_batch_size=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"virtual_batch_size must be a positive int, got 0"):
+        bnx.GhostBatchNorm(C, "batch", virtual_batch_size=0)
+    with pytest.raises(
+        ValueError,
+        match=r"axis_index_groups group the devices of the names "
+        r"before the last in axis_name.*axis_name='batch' has none",
+    ):
+        bnx.GhostBatchNorm(C, "batch", virtual_batch_size=2, axis_index_groups=[[0, 1]])
+
+
+def test_recalibrate_leaves_a_ghost_batch_norm_as_it_is():
+    """``recalibrate`` recomputes the BatchNorm statistics of a model that also has a
+    GhostBatchNorm (which has no Equinox counterpart and keeps its state)."""
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [
+            bnx.BatchNorm(C, "batch", mode="batch"),
+            bnx.GhostBatchNorm(C, "batch", virtual_batch_size=4),
+        ]
+    )
+    batches = [data(29), data(30)]
+    new = bnx.recalibrate(model, state, batches, progress=False)
+    mean, var = inference_stats(model.layers[0], new)
+    m64, v64 = stats64(np.concatenate(batches))
+    np.testing.assert_allclose(mean, m64, rtol=1e-5)
+    np.testing.assert_allclose(var, v64, rtol=1e-4)
+    index = model.layers[1].state_index
+    chex.assert_trees_all_equal(new.get(index), state.get(index))
+
+
+@pytest.mark.parametrize("cls", [bnx.BatchRenorm, bnx.GhostBatchNorm])
+def test_family_constructors_start_with_equinox_batch_norm_s(cls):
+    """Equinox BatchNorm's arguments but ``mode`` (names, kinds, defaults), then
+    keyword-only options."""
+    want = [p for p in _params(eqx.nn.BatchNorm.__init__) if p.name != "mode"]
+    got = _params(cls.__init__)
+    assert [(p.name, p.kind, p.default) for p in got[: len(want)]] == [
+        (p.name, p.kind, p.default) for p in want
+    ]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in got[len(want) :])
+
+
 # ------------------------------------------------------------------------- typing
 
 SNIPPET = """
@@ -768,6 +1036,9 @@ reveal_type(c.weight)
 d = bnx.GroupNorm(2, 4, channelwise_afine=False)
 model, state = eqx.nn.make_with_state(bnx.BatchNorm)(4, "batch", mode="batch")
 reveal_type(model)
+g = bnx.GhostBatchNorm(4, "batch", virtual_batch_size=2)
+reveal_type(g.state_index)
+h = bnx.GhostBatchNorm(4, "batch", virtual_batch=2)
 """
 
 
@@ -797,8 +1068,10 @@ def test_mypy_sees_the_equinox_drop_ins(tmp_path):
     assert "Array | None" in lines[10], out
     assert 'Unexpected keyword argument "channelwise_afine"' in lines[11], out
     assert 'Revealed type is "bn_jax.equinox.BatchNorm"' in lines[13], out
+    assert "StateIndex[dict[str, " in lines[15], out
+    assert 'Unexpected keyword argument "virtual_batch"' in lines[16], out
     flagged = {n for n, line in lines.items() if "error:" in line}
-    assert flagged == {8, 11}, out
+    assert flagged == {8, 11, 16}, out
 
 
 # ------------------------------------------------------------------------ example
