@@ -1,6 +1,6 @@
 # Two commands on a fresh machine with python3 and make:
 #   make demo   # create .venv, install with the example extras, run the main example
-#   make test   # create .venv, install with the test and docs extras, run ruff, build the docs, run the tests;
+#   make test   # create .venv, install with the test and docs extras, run ruff and mypy, build the docs, run the tests;
 #               # installs Debian's chromium and chromedriver for the browser test where it can (apt-get as
 #               # root or with sudo without a password), else says what to install
 #   make test BROWSER_TEST=0   # the same without the docs' browser test (no chromium needed)
@@ -35,6 +35,7 @@ demo: $(VENV)/.installed-examples
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check bn_jax tests examples benchmarks
 	$(VENV)/bin/ruff format --check bn_jax tests examples benchmarks
+	$(VENV)/bin/mypy bn_jax
 
 format: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check --fix bn_jax tests examples benchmarks
@@ -77,4 +78,4 @@ bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis docs/_build dist build
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis docs/_build dist build

@@ -264,7 +264,7 @@ def fold(
                     f"fold: BatchNorm {path_str(path)!r} ran in training mode; call fold with "
                     f"the arguments of an evaluation call (e.g. train=False)."
                 )
-            mean = module.get_variable("batch_stats", "mean")
+            mean: jax.Array | None = module.get_variable("batch_stats", "mean")
             problem = fold_problem(args[0], module.axis, mean, kwargs.get("mask"))
             x, call = recorder.norm_input(path, module, args[0], problem)
             y = _reentrant(active, path, next_fun, (x, *args[1:]), kwargs)

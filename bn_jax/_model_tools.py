@@ -85,10 +85,11 @@ def calls_of(targets: Mapping[int, tuple[Any, Any]], tap: Callable) -> Iterator[
         yield
     finally:
         for cls in classes:
-            if own[cls] is None:
+            saved = own[cls]
+            if saved is None:
                 del cls.__call__
             else:
-                cls.__call__ = own[cls]
+                cls.__call__ = saved
 
 
 # --------------------------------------------------------------------------- folding
@@ -170,9 +171,10 @@ def foldable_pairs(
     pairs = []
     for path, norm_calls in norms.items():
         sources = [by_marker.get(links.get(c.marker, "")) for c in norm_calls]
-        if any(s is None for s in sources) or any(c.problem for c in norm_calls):
+        linked = [s for s in sources if s is not None]
+        if len(linked) < len(sources) or any(c.problem for c in norm_calls):
             continue
-        layer_paths = {s.path for s in sources}
+        layer_paths = {s.path for s in linked}
         if len(layer_paths) != 1:
             continue
         layer_calls = layers[layer_paths.pop()]

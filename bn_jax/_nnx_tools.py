@@ -106,7 +106,8 @@ def recalibrate(
         for path, module in nnx.iter_modules(model)
         if isinstance(module, nnx.BatchNorm)
     }
-    graphdef, rngs, rest = nnx.split(model, nnx.RngState, ...)
+    # nnx.split types the states of several filters as a variadic tuple; two filters give two.
+    graphdef, rngs, rest = nnx.split(model, nnx.RngState, ...)  # type: ignore[misc]
 
     @jax.jit
     def moments(rngs, rest, stats, batch):
@@ -114,7 +115,7 @@ def recalibrate(
         targets = {}
         for path, module in nnx.iter_modules(m):
             key = _key(path)
-            if key in stats:
+            if key in stats and isinstance(module, nnx.BatchNorm):
                 module.mean.set_value(stats[key]["mean"])
                 module.var.set_value(stats[key]["var"])
                 targets[id(module)] = (key, module)
@@ -250,10 +251,12 @@ def fold(model: nnx.Module, *args: Any, **kwargs: Any) -> nnx.Module:
 
     pairs = foldable_pairs(jax.make_jaxpr(run)(state).jaxpr, recorder.calls)
     folded = nnx.clone(model)
-    modules = dict(nnx.iter_modules(folded))
+    # The copy's layers and BatchNorms by path, of the types the trace recorded them as.
+    layers = {p: m for p, m in nnx.iter_modules(folded) if isinstance(m, _LAYERS)}
+    norms = {p: m for p, m in nnx.iter_modules(folded) if isinstance(m, nnx.BatchNorm)}
     replaced = {}
     for layer_call, norm_call in pairs:
-        layer, norm = modules[layer_call.path], modules[norm_call.path]
+        layer, norm = layers[layer_call.path], norms[norm_call.path]
         fold_fn = fold_into_dense if isinstance(layer, nnx.Linear) else fold_into_conv
         kernel, bias = fold_fn(
             layer.kernel[...],

@@ -93,7 +93,8 @@ def feature_moments(
     The result has the feature shape.
     """
     axis = checks.canonical_axis(axis)
-    xs, masks, fshape = [], [], None
+    xs, masks = [], []
+    fshape: tuple[int, ...] | None = None
     for x, mask in calls:
         checks.check_input(x, f"recalibrate: {what}")
         x = jnp.asarray(x)
@@ -106,6 +107,8 @@ def feature_moments(
         xs.append(x)
         masks.append(checks.check_mask(mask, x.shape))
         fshape = shape
+    if fshape is None:
+        raise ValueError(f"recalibrate: no call gave {what}, so it has no statistics.")
     if len(xs) == 1:
         x, mask = xs[0], masks[0]
         axes = checks.resolve_axes(axis, x.ndim)

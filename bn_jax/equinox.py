@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import equinox as eqx
 import jax
@@ -61,6 +61,7 @@ __all__ = [
 State = eqx.nn.State
 StateIndex = eqx.nn.StateIndex
 _NO_STATE: Any = object()  # "no state passed": the per-example layers then return only y
+_Value = TypeVar("_Value")
 
 
 # ----------------------------------------------------------------- shared pieces
@@ -92,7 +93,9 @@ def _float_dtype(dtype: Any) -> Any:
     """Equinox's default parameter dtype: float32, or float64 under ``jax_enable_x64``."""
     if dtype is not None:
         return jnp.dtype(dtype)
-    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    # jax's Config holds its options as dynamic attributes, which type checkers do not see.
+    x64 = jax.config.jax_enable_x64  # type: ignore[attr-defined]
+    return jnp.dtype(jnp.float64 if x64 else jnp.float32)
 
 
 def _params(weight: jax.Array | None, bias: jax.Array | None) -> dict[str, jax.Array]:
@@ -103,6 +106,17 @@ def _params(weight: jax.Array | None, bias: jax.Array | None) -> dict[str, jax.A
     if bias is not None:
         params["bias"] = bias
     return params
+
+
+def _index(layer: BatchNorm, index: StateIndex[_Value] | None, name: str) -> StateIndex[_Value]:
+    """``index``, one of the state indices that the constructor sets for the layer's mode and
+    ``momentum`` only (so Equinox types each as optional); ``name`` is its field."""
+    if index is None:
+        raise ValueError(
+            f"BatchNorm: mode={layer.mode!r} with momentum={layer.momentum!r} keeps state in "
+            f"{name}, but the layer's {name} is None; build the layer with its constructor."
+        )
+    return index
 
 
 def _set(state: State, index: StateIndex, value: Any) -> State:
@@ -176,7 +190,8 @@ class BatchNorm(eqx.nn.BatchNorm):
     Deep Network Training by Reducing Internal Covariate Shift", ICML 2015.
     """
 
-    momentum: float | None = eqx.field(static=True)  # Equinox's field; None: a cumulative average
+    # Equinox's field, widened: None keeps a cumulative average (mode="batch").
+    momentum: float | None = eqx.field(static=True)  # type: ignore[assignment]
     use_fast_variance: bool = eqx.field(static=True, default=False)
     unbiased_running_var: bool = eqx.field(static=True, default=False)
     allow_single_value: bool = eqx.field(static=True, default=True)
@@ -207,10 +222,10 @@ class BatchNorm(eqx.nn.BatchNorm):
             axis_name,
             eps,
             channelwise_affine,
-            momentum,
+            momentum,  # type: ignore[arg-type]  # Equinox stores it as given; None is ours
             inference,
             dtype,
-            mode,  # type: ignore[arg-type]
+            mode,
         )
         dt = _float_dtype(dtype)
         if self.mode == "ema":
@@ -293,17 +308,19 @@ def _batch_norm_call(
         extra["skipped"] = state.get(layer.skipped_index)
     if layer.mode == "ema":
         return _ema_call(layer, norm, params, x, state, extra, training, mask)
-    counter = state.get(layer.batch_counter)
-    hidden = state.get(layer.batch_state_index)
+    counter_index = _index(layer, layer.batch_counter, "batch_counter")
+    hidden_index = _index(layer, layer.batch_state_index, "batch_state_index")
+    counter = state.get(counter_index)
+    hidden = state.get(hidden_index)
     mean, var = _debiased(hidden, counter, layer.momentum)
     core_state = {"mean": mean, "var": var, **extra}
     if not training:
         y, _ = norm.apply(params, core_state, x, training=False)
         return y, state
     y, new = norm.apply(params, core_state, x, training=True, mask=mask)
-    state = state.set(layer.batch_counter, counter + 1)
+    state = state.set(counter_index, counter + 1)
     new_hidden = _hidden((new["mean"], new["var"]), (mean, var), counter, layer.momentum)
-    state = _set(state, layer.batch_state_index, new_hidden)
+    state = _set(state, hidden_index, new_hidden)
     return y, _set_extra(layer, state, new)
 
 
@@ -365,7 +382,10 @@ def _ema_call(
 ) -> tuple[jax.Array, State]:
     """Equinox's ``"ema"`` mode: training normalizes with the running statistics
     after this step's update (the first step's are the batch's)."""
-    running = dict(zip(("mean", "var"), state.get(layer.ema_state_index), strict=True))
+    first_index = _index(layer, layer.ema_first_time_index, "ema_first_time_index")
+    running_index = _index(layer, layer.ema_state_index, "ema_state_index")
+    stored = state.get(running_index)
+    running = dict(zip(("mean", "var"), stored, strict=True))
     running = {k: v.astype(checks.stat_dtype(v.dtype)) for k, v in running.items()}
     stats = {**running, **extra}
     if not training:
@@ -376,7 +396,7 @@ def _ema_call(
     m = lay.cfg.moments(x, mask)
     shape = lay.features
     b_mean, b_var = m.mean.reshape(shape), normalizing_var(m, mask).reshape(shape)
-    first = state.get(layer.ema_first_time_index)
+    first = state.get(first_index)
     mom = jnp.asarray(layer.momentum, b_mean.dtype)
     mix_mean = jnp.where(first, b_mean, mom * running["mean"] + (1 - mom) * b_mean)
     mix_var = jnp.where(first, b_var, mom * running["var"] + (1 - mom) * b_var)
@@ -401,8 +421,8 @@ def _ema_call(
     )
     new = jax.tree.map(lambda c, mv: jnp.where(first, c, mv), copied, moving)
     ok = jnp.isfinite(b_mean) & jnp.isfinite(b_var) & (count > 0)
-    state = state.set(layer.ema_first_time_index, first & ~jnp.all(ok))
-    state = _set(state, layer.ema_state_index, (new["mean"], new["var"]))
+    state = state.set(first_index, first & ~jnp.all(ok))
+    state = _set(state, running_index, (new["mean"], new["var"]))
     return y, _set_extra(layer, state, new)
 
 
@@ -1294,14 +1314,14 @@ def _core_instance_norm(layer: InstanceNorm) -> bn_jax.InstanceNorm:
 
 # ---------------------------------------------------------------------------- convert
 
-_DROP_INS: dict[type, type] = {
+_DROP_INS: dict[type[eqx.Module], type[eqx.Module]] = {
     eqx.nn.BatchNorm: BatchNorm,
     eqx.nn.LayerNorm: LayerNorm,
     eqx.nn.GroupNorm: GroupNorm,
     eqx.nn.RMSNorm: RMSNorm,
 }
 # Options that change only how a layer computes, not its parameters or state.
-_CONVERT_OPTIONS = {
+_CONVERT_OPTIONS: dict[type[eqx.Module], tuple[str, ...]] = {
     BatchNorm: (
         "use_fast_variance",
         "unbiased_running_var",
@@ -1358,7 +1378,7 @@ def convert(model: Any, **options: Any) -> Any:
     return jax.tree.map(swap, model, is_leaf=lambda node: type(node) in _DROP_INS)
 
 
-def _converted(layer: Any, cls: type, options: dict[str, Any]) -> Any:
+def _converted(layer: Any, cls: type[eqx.Module], options: dict[str, Any]) -> Any:
     """The drop-in ``cls`` with the fields of the Equinox ``layer`` and bn_jax's defaults
     for the rest (overridden by ``options``)."""
     defaults = {
@@ -1546,9 +1566,10 @@ def _with_slots(state: State, norms: dict[str, BatchNorm], slots: dict[str, Stat
 def _estimate(layer: BatchNorm, state: State) -> tuple[jax.Array, jax.Array]:
     """The statistics ``layer`` normalizes with in inference, from ``state``."""
     if layer.mode == "ema":
-        return state.get(layer.ema_state_index)
-    hidden = state.get(layer.batch_state_index)
-    return _debiased(hidden, state.get(layer.batch_counter), layer.momentum)
+        return state.get(_index(layer, layer.ema_state_index, "ema_state_index"))
+    hidden = state.get(_index(layer, layer.batch_state_index, "batch_state_index"))
+    counter = state.get(_index(layer, layer.batch_counter, "batch_counter"))
+    return _debiased(hidden, counter, layer.momentum)
 
 
 def _write_population(
@@ -1567,20 +1588,25 @@ def _write_population(
     for path, (mean, var) in zip(paths, new, strict=True):
         layer, seen = norms[path], bool(jnp.any(pooled[path].count > 0))
         if layer.mode == "ema":
+            running_index = _index(layer, layer.ema_state_index, "ema_state_index")
             if seen:
-                first = state.get(layer.ema_first_time_index)
-                state = state.set(layer.ema_first_time_index, jnp.zeros_like(first))
-            state = _set(state, layer.ema_state_index, (mean, var))
+                first_index = _index(layer, layer.ema_first_time_index, "ema_first_time_index")
+                first = state.get(first_index)
+                state = state.set(first_index, jnp.zeros_like(first))
+            state = _set(state, running_index, (mean, var))
             continue
-        counter = state.get(layer.batch_counter)
+        counter_index = _index(layer, layer.batch_counter, "batch_counter")
+        hidden_index = _index(layer, layer.batch_state_index, "batch_state_index")
+        counter = state.get(counter_index)
         steps = jnp.maximum(counter, 1)  # keeps the counter's dtype (and weak type)
         if layer.momentum is None:
-            state = _set(state, layer.batch_state_index, (mean, var))
-            count = state.get(layer.count_index)
-            state = state.set(layer.count_index, jnp.maximum(count, 1))
+            state = _set(state, hidden_index, (mean, var))
+            count_index = _index(layer, layer.count_index, "count_index")
+            count = state.get(count_index)
+            state = state.set(count_index, jnp.maximum(count, 1))
         else:  # hidden averages that debias to (mean, var) after `steps` steps
             decay = jnp.asarray(layer.momentum, mean.dtype) ** steps.astype(mean.dtype)
             hidden = ((1 - decay) * mean, decay + (1 - decay) * var)
-            state = _set(state, layer.batch_state_index, hidden)
-        state = state.set(layer.batch_counter, steps)
+            state = _set(state, hidden_index, hidden)
+        state = state.set(counter_index, steps)
     return state

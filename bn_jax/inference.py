@@ -534,7 +534,7 @@ def recalibrate(
         for x, m in zip(leaves, mask_leaves, strict=True):
             mom = _recalibrate.feature_moments([(x, m)], axis, "an input returned by fn")
             moments.append(mom if axis_name is None else merge_across(mom, axis_name, groups))
-        return treedef.unflatten(moments)
+        return jax.tree.unflatten(treedef, moments)
 
     jitted = jax.jit(batch_moments if map_fn is None else map_fn(batch_moments))
 
@@ -562,11 +562,12 @@ def recalibrate(
             [None if o is None else (jnp.asarray(o["mean"]), jnp.asarray(o["var"])) for o in olds],
             unbiased=(bool(unbiased),) * len(leaves),
         )
-        return treedef.unflatten(
+        return jax.tree.unflatten(
+            treedef,
             [
                 {"mean": mean, "var": var} if old is None else {**old, "mean": mean, "var": var}
                 for (mean, var), old in zip(new, olds, strict=True)
-            ]
+            ],
         )
 
     return _recalibrate.run(

@@ -59,7 +59,7 @@ def canonical_axis(axis: int | Sequence[int], name: str = "axis") -> int | tuple
     return tuple(int(a) for a in axes)
 
 
-def canonical_groups(axis_index_groups: Any, axis_name: Any) -> Groups:
+def canonical_groups(axis_index_groups: Any, axis_name: Any) -> tuple[tuple[int, ...], ...] | None:
     """Turns ``axis_index_groups`` into a hashable tuple of tuples."""
     if axis_index_groups is None:
         return None

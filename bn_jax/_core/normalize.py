@@ -134,7 +134,8 @@ def normalizing_function(cfg: StatsConfig) -> Callable[..., tuple[jax.Array, ...
 def _batch_normalize_jvp(cfg, primals, tangents):
     x, scale, bias, mask = primals
     if jnp.iscomplexobj(x):
-        return jax.jvp(lambda *p: _batch_normalize(*p, cfg), primals, tangents)
+        forward = lambda x, scale, bias, mask: _batch_normalize(x, scale, bias, mask, cfg)
+        return jax.jvp(forward, primals, tangents)
     dx, dscale, dbias, _ = tangents
     y, mean, var, count = batch_normalize(x, scale, bias, mask, cfg)
     inv = lax.rsqrt(var + cfg.epsilon)

@@ -117,9 +117,11 @@ def group_count(
 ) -> int:
     """The number of groups of ``channels`` (``num_groups``, or ``channels /
     group_size``), or a ValueError that says what divides."""
-    arg, divisor = f"group_size={group_size}", group_size
     if group_size is None:
+        # check_groups leaves exactly one of the two set, so num_groups is an int here
         arg, divisor = f"num_groups={num_groups}", cast(int, num_groups)
+    else:
+        arg, divisor = f"group_size={group_size}", group_size
     if channels % divisor:
         raise ValueError(
             f"{layer}: {arg} does not divide the {channels} channels along "

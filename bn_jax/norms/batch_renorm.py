@@ -152,10 +152,11 @@ class BatchRenorm(_common.BatchFields):
 @functools.lru_cache(maxsize=256)
 def _layout(norm: BatchRenorm, sig: Signature) -> _common.Layout:
     lay = _common.batch_layout(norm, "BatchRenorm", sig)
-    if "step" not in dict(sig.state):
-        keys = sorted(k for k, _ in sig.state)
+    state = dict(sig.state or ())  # batch_layout has raised if the state is not a dict
+    if "step" not in state:
         raise ValueError(
-            f"BatchRenorm: state has no 'step' (keys: {keys}); build it with BatchRenorm.init."
+            f"BatchRenorm: state has no 'step' (keys: {sorted(state)}); build it with "
+            f"BatchRenorm.init."
         )
     _common.check_real("BatchRenorm", sig, " (its corrections r and d are clipped)")
     return lay

@@ -154,8 +154,9 @@ def _layout(norm: GhostBatchNorm, sig: Signature) -> tuple[_common.Layout, Stats
         f"feature in each virtual batch (x.shape={sig.shape}); use virtual_batch_size >= 2.",
     )
     # Each device normalizes its own virtual batches; only the running update syncs.
-    no_sync = {"axis_name": None, "axis_index_groups": None, "custom_derivative": True}
-    return lay, lay.cfg._replace(axes=reduce_g, **no_sync)
+    return lay, lay.cfg._replace(
+        axes=reduce_g, axis_name=None, axis_index_groups=None, custom_derivative=True
+    )
 
 
 ghost_batch_norm = _common.functional(

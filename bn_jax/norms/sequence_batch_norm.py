@@ -188,7 +188,7 @@ def _layout(norm: SequenceBatchNorm, sig: Signature, step_mode: bool) -> _Layout
     _common.check_state_keys(
         layer, sig.state, _common.running_keys(norm.momentum, norm.count_skipped)
     )
-    state = dict(sig.state)
+    state = dict(sig.state or ())  # check_state_keys has raised if it is not a dict
     for name in ("mean", "var"):
         if state[name] != (norm.max_steps, *features):
             raise ValueError(
