@@ -6,7 +6,8 @@ batches holding a NaN or an Inf are injected ends with finite parameters, and
 with parameters, optimizer state and running statistics bit-identical to the run
 that never saw those batches; ``count_skipped=True`` counts the dropped updates.
 Under ``shard_map`` the bad value sits on one device only. Without the optimizer
-guard the running statistics still survive, but the parameters do not.
+guard the running statistics still survive, but the parameters do not. The
+stateful ``bn_jax.equinox`` layers (``tests/equinox_face.py``) keep the guard.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import optax
 import pytest
 
 import bn_jax
-from tests import _train
+from tests import _train, equinox_face, registry
 from tests.devices import require_devices
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "bad_batches.py"
@@ -132,3 +133,34 @@ def test_example_runs_the_recipe(capsys):
     assert "parameters and running statistics finite: True" in out
     assert "bit-identical to the run without the bad batches: True" in out
     assert "weights finite: False, running statistics finite: True" in out
+
+
+EQX_STATEFUL = equinox_face.variants(equinox_face.STATEFUL)
+
+
+@pytest.mark.parametrize("case", EQX_STATEFUL)
+def test_equinox_layer_skips_the_statistics_a_nan_reaches(case):
+    """Each stateful bn_jax.equinox layer, called as Equinox users call it: after a
+    clean step, a batch with one NaN leaves the statistics it reaches (those an
+    inference call normalizes with) unchanged and counts the skip; the others move.
+    The NaN sits at time step 0 / spatial position 0 of example 1, feature 1."""
+    name, options = EQX_STATEFUL[case]
+    layer, state = equinox_face.build(
+        name, changes={"momentum": 0.9, "count_skipped": True}, **options
+    )
+    _, state = equinox_face.apply(name, layer, state, registry.example_x(0))
+    before = equinox_face.inference_state(layer, state)
+    x = registry.example_x(1)
+    x[1, 0, 1] = np.nan
+    y, new = equinox_face.apply(name, layer, state, x)
+    after = equinox_face.inference_state(layer, new)
+
+    reached = np.zeros(np.shape(before["mean"]), bool)  # (features,) or (max_steps, features)
+    reached[(0,) * (reached.ndim - 1) + (1,)] = True
+    for key in ("mean", "var"):
+        b, a = np.asarray(before[key]), np.asarray(after[key])
+        np.testing.assert_allclose(a[reached], b[reached], rtol=1e-6, err_msg=key)
+        assert np.all(np.abs(a[~reached] - b[~reached]) > 1e-4), key
+    np.testing.assert_array_equal(after["skipped"], reached.astype(np.int32))
+    assert np.isnan(np.asarray(y[1, 0, 1]))  # the output still shows it
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(new))

@@ -1,8 +1,9 @@
 """DESIGN.md section 6, as a matrix: every listed error, for every normalizer of
 ``tests/registry.py`` it applies to, raises the documented exception type with
 a message that names the argument (and what came), and the accepted bounds
-do what they say. Errors are raised before anything is compiled, so this file
-is fast."""
+do what they say; the same errors through each ``bn_jax.equinox`` layer
+(``tests/equinox_face.py``). Errors are raised before anything is compiled, so
+this file is fast."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import bn_jax
+from tests import equinox_face as eqx_face
 from tests import registry
 from tests.registry import NAMES, NORMALIZERS, X_SHAPE
 
@@ -160,3 +162,115 @@ def test_num_groups_not_dividing_channels():
     params, state = bn_jax.GroupNorm(num_groups=2).init(4)
     with pytest.raises(ValueError, match=r"num_groups=3 does not divide the 4 channels"):
         norm.apply(params, state, jnp.ones(X_SHAPE), training=True)
+
+
+# ---------------------------------------------------------------- the Equinox face
+# The errors above that apply to a bn_jax.equinox layer, through each layer as an
+# Equinox user calls it (tests/equinox_face.py): the same exception type and a
+# message that names the argument; an unbound axis name is Equinox's NameError.
+
+EQX = eqx_face.NAMES
+EQX_STATEFUL = eqx_face.variants(eqx_face.STATEFUL)
+
+
+def _eqx_trainings(name):
+    return (True, False) if eqx_face.FACES[name].stateful else (True,)
+
+
+@pytest.mark.parametrize("name", EQX)
+def test_equinox_feature_size_mismatch(name):
+    layer, state = eqx_face.build(name)
+    x = jnp.ones((*X_SHAPE[:-1], X_SHAPE[-1] + 1))
+    for training in _eqx_trainings(name):
+        with pytest.raises(ValueError, match=r"\(4,\).*\bx\b.*\(5,"):
+            eqx_face.apply(name, layer, state, x, training=training)
+
+
+@pytest.mark.parametrize("name", EQX)
+def test_equinox_integer_input(name):
+    layer, state = eqx_face.build(name)
+    for training in _eqx_trainings(name):
+        with pytest.raises(TypeError, match=r"x must be a floating-point array, got dtype int32"):
+            eqx_face.apply(name, layer, state, jnp.ones(X_SHAPE, jnp.int32), training=training)
+
+
+@pytest.mark.parametrize("case", EQX_STATEFUL)
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
+def test_equinox_momentum_outside_unit_interval(case, momentum):
+    name, options = EQX_STATEFUL[case]
+    with pytest.raises(ValueError, match=rf"momentum must be in \[0, 1\].*got {momentum}"):
+        eqx_face.build(name, changes={"momentum": momentum}, **options)
+
+
+@pytest.mark.parametrize("name", EQX)
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf")])
+def test_equinox_non_positive_eps(name, eps):
+    with pytest.raises(ValueError, match=rf"must be a positive finite float, got {eps}"):
+        eqx_face.build(name, changes={"epsilon": eps})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bn_jax.equinox names the core's argument: 'epsilon must be a positive finite "
+    "float', where the Equinox constructor's argument is eps",
+)
+@pytest.mark.parametrize("name", EQX)
+def test_equinox_eps_error_names_eps(name):
+    with pytest.raises(ValueError, match=r"\beps\b"):
+        eqx_face.build(name, changes={"epsilon": 0.0})
+
+
+@pytest.mark.parametrize("name", EQX)
+def test_equinox_mask_that_does_not_broadcast(name):
+    """One mask for every example (not mapped), of a shape that is not the example's."""
+    layer, state = eqx_face.build(name)
+    xe = eqx_face.to_examples(name, jnp.ones(X_SHAPE), len(getattr(layer, "shape", ())))
+    bad = (xe.shape[1] + 1, *xe.shape[2:])
+    want = re.escape(f"mask of shape {bad} does not broadcast to x's shape")
+    with pytest.raises(ValueError, match=want):
+        eqx_face.call(layer, state, xe, jnp.ones(bad, bool), mask_per_example=False)
+
+
+@pytest.mark.parametrize("case", EQX_STATEFUL)
+def test_equinox_unbound_axis_name_is_a_name_error(case):
+    """Training under a vmap that does not bind the layer's axis_name: Equinox's
+    NameError (the core's is a ValueError), with the way out."""
+    name, options = EQX_STATEFUL[case]
+    layer, state = eqx_face.build(name, **options)
+    xe = eqx_face.to_examples(name, jnp.ones(X_SHAPE))
+    want = (
+        rf"{eqx_face.FACES[name].layer}: axis_name='batch' is not bound\. Call the layer "
+        r"on one example under jax\.vmap\(\.\.\., axis_name='batch'\)"
+    )
+    with pytest.raises(NameError, match=want):
+        eqx_face.call(layer, state, xe, bound=False)
+
+
+@pytest.mark.parametrize(
+    "case", {c: v for c, v in EQX_STATEFUL.items() if v[0] in registry.SINGLE_VALUE}
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_equinox_single_value_per_channel_with_allow_single_value_false(case, masked):
+    """Equinox trains on one value per channel (the drop-ins' default); with
+    ``allow_single_value=False`` that is the core's error."""
+    name, options = EQX_STATEFUL[case]
+    shape, extra, want = NORMALIZERS[name].single_value
+    layer, state = eqx_face.build(
+        name, shape=shape, changes={**extra, "allow_single_value": False}, **options
+    )
+    mask = jnp.ones(shape, bool) if masked else None
+    with pytest.raises(ValueError, match=want) as err:
+        eqx_face.apply(name, layer, state, jnp.ones(shape), mask=mask)
+    assert "allow_single_value=True" in str(err.value)
+
+
+@pytest.mark.parametrize("name", [n for n in EQX if "virtual_batch_size" in registry.fields(n)])
+def test_equinox_virtual_batch_size_not_dividing_the_batch(name):
+    layer, state = eqx_face.build(name, changes={"virtual_batch_size": 3})
+    with pytest.raises(ValueError, match=r"virtual_batch_size=3 does not divide the\b.*\b4\b"):
+        eqx_face.apply(name, layer, state, jnp.ones(X_SHAPE))
+
+
+def test_equinox_groups_not_dividing_channels():
+    with pytest.raises(ValueError, match=r"\bgroups\b.*\bchannels\b"):
+        eqx_face.build("GroupNorm", changes={"num_groups": 3})

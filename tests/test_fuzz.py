@@ -10,7 +10,9 @@ batch). Outputs, running statistics and directional derivatives of the
 gradients are compared with the float64 references of ``tests/reference.py``;
 the tolerances follow from the dtypes' epsilon and the conditioning of the
 drawn example. A second property draws invalid arguments and inputs: they may
-only raise ``ValueError`` / ``TypeError`` naming the argument.
+only raise ``ValueError`` / ``TypeError`` naming the argument. A third runs each
+``bn_jax.equinox`` layer (``tests/equinox_face.py``) on drawn batches: its
+outputs and running statistics equal the core normalizer's, and float64.
 
 ``make test`` runs a fixed (derandomized) set of examples; a longer random
 search is ``HYPOTHESIS_PROFILE=explore pytest tests/test_fuzz.py``.
@@ -33,6 +35,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import bn_jax
+from tests import equinox_face
 from tests import reference as ref
 from tests.registry import NORMALIZERS, X_SHAPE
 
@@ -565,19 +568,10 @@ def check_against_reference(case: Case, dtype_name: str, mode: str, mask_kind, s
 
     y_ref, state_ref, fixed = reference(x64, p64)
 
-    # Forward: the output's rounding plus float32 rounding amplified as each
-    # element's normalization amplifies it: (x - mean) * a with a = |scale| * inv_std.
     assert y.dtype == x.dtype and y.shape == x.shape
-    y = np.asarray(y, np.float64)
-    assert np.isfinite(y).all(), "non-finite output from finite input"
+    check_output(case, x64, p64, mask, lead, y, y_ref, eps_dt)
     a, x_hat, spread = conditioning(case, x64, p64, mask, lead)
-    s_abs = np.abs(_bcast(p64["scale"], case, lead)) if "scale" in p64 else 1.0
-    b_abs = np.abs(_bcast(p64["bias"], case, lead)) if "bias" in p64 else 0.0
     kappa = spread.max()  # float32 error bound on x_hat, in float32 ulps
-    fp32 = case.gain * s_abs * (spread + x_hat) + b_abs
-    tol = 2 * eps_dt * np.abs(y_ref) + 16 * EPS32 * fp32 + 1e-7
-    err = np.abs(y - y_ref)
-    assert (err <= tol).all(), f"output: max error {err.max():.3g}, ratio {(err / tol).max():.3g}"
 
     # Running statistics: same keys, shapes and dtypes; values within float32 error.
     assert set(new_state) == set(state)
@@ -631,6 +625,21 @@ def check_against_reference(case: Case, dtype_name: str, mode: str, mask_kind, s
         assert abs(got - expected) <= tol, (
             f"gradient along {k}: {got:.6g} vs reference {expected:.6g} (tol {tol:.3g})"
         )
+
+
+def check_output(case: Case, x64, p64, mask, lead, y, y_ref, eps_dt):
+    """The output against its float64 reference: the output's rounding plus float32
+    rounding amplified as each element's normalization amplifies it: (x - mean) * a
+    with a = |scale| * inv_std."""
+    y = np.asarray(y, np.float64)
+    assert np.isfinite(y).all(), "non-finite output from finite input"
+    _, x_hat, spread = conditioning(case, x64, p64, mask, lead)
+    s_abs = np.abs(_bcast(p64["scale"], case, lead)) if "scale" in p64 else 1.0
+    b_abs = np.abs(_bcast(p64["bias"], case, lead)) if "bias" in p64 else 0.0
+    fp32 = case.gain * s_abs * (spread + x_hat) + b_abs
+    tol = 2 * eps_dt * np.abs(y_ref) + 16 * EPS32 * fp32 + 1e-7
+    err = np.abs(y - y_ref)
+    assert (err <= tol).all(), f"output: max error {err.max():.3g}, ratio {(err / tol).max():.3g}"
 
 
 def conditioning(case: Case, x64, p64, mask, lead):
@@ -917,3 +926,191 @@ def test_invalid_arguments_raise_errors_that_name_them(drawn, under_jit):
         assert re.search(rf"\b{re.escape(arg)}\b", str(e)), f"{name}, {what}: {e}"
     else:
         raise AssertionError(f"{name}, {what}: no error")
+
+
+# ------------------------------------------------------------------ the Equinox face
+
+
+@st.composite
+def equinox_examples(draw, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A core normalizer of the registry entry ``name`` that its ``bn_jax.equinox``
+    layer (with Equinox's own ``options``) can stand for (features last,
+    statistics of the whole batch), its input shape and an input to run. The
+    first values drawn from are typical ones: the first example uses them."""
+    fields = {f.name for f in dataclasses.fields(NORMALIZERS[name].cls)}
+    batch, features = draw(st.sampled_from([3, 1, 2, 4])), draw(st.sampled_from([3, 1, 2, 4]))
+    inner = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
+    cfg: dict[str, Any] = {"epsilon": draw(st.sampled_from([1e-5, 1e-3]))}
+    affine = st.sampled_from([True, False])
+    if name in ("LayerNorm", "RMSNorm"):
+        cfg["use_scale"] = draw(affine)
+        if "use_bias" in fields:
+            cfg["use_bias"] = draw(affine)
+    else:  # Equinox's channelwise_affine: both or neither
+        cfg["use_scale"] = cfg["use_bias"] = draw(affine)
+    if "momentum" in fields:
+        momenta = [0.9, 0.5, 0.99, 0.0, 1.0] + ([None] if options.get("mode") != "ema" else [])
+        cfg["momentum"] = draw(st.sampled_from(momenta))
+        # "ema" mode with unbiased_running_var: test_equinox_ema_mode_with_unbiased_running_var
+        cfg["unbiased_running_var"] = options.get("mode") != "ema" and draw(st.booleans())
+    if "allow_single_value" in fields:  # Equinox trains a batch of one
+        cfg["allow_single_value"] = True
+    if name == "BatchRenorm":
+        cfg["rmax"] = draw(st.sampled_from([1.0, 1.5, 3.0]))
+        cfg["dmax"] = draw(st.sampled_from([0.0, 0.5, 5.0]))
+    if name == "GhostBatchNorm":
+        cfg["virtual_batch_size"] = draw(st.sampled_from([2, 1, 3]))
+        batch = cfg["virtual_batch_size"] * draw(st.sampled_from([2, 1]))
+    if name == "SequenceBatchNorm":
+        inner = (draw(st.sampled_from([3, 1, 2])),)  # time steps
+        cfg["max_steps"] = draw(st.sampled_from([2, 1, 3]))
+    if name == "GroupNorm":
+        features = draw(st.sampled_from([6, 2, 4]))
+        cfg["num_groups"] = draw(st.sampled_from([g for g in (2, 1, 3) if features % g == 0]))
+    shape = (batch, *inner, features)
+    if name in ("LayerNorm", "RMSNorm"):  # an example: the trailing k axes
+        k = draw(st.integers(1, len(shape) - 1))
+        axes = tuple(range(len(shape) - k, len(shape)))
+        if draw(st.booleans()):
+            axes = tuple(a - len(shape) for a in axes)
+        cfg["reduction_axes"] = cfg["feature_axes"] = axes
+    return {
+        "norm": equinox_face.core(name, **cfg),
+        "shape": shape,
+        "dtype": draw(st.sampled_from(["float32", "bfloat16"])),
+        "mask": draw(st.sampled_from([None, "all", "random", "dead channel"])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def _agree(got, want, eps_dt, what, extra=0.0):
+    """Two computations of the same values in ``dtype``: within a rounding of the
+    output dtype and float32 rounding (the Equinox layer's statistics pool the
+    mapped examples in another order than the core's reductions), plus ``extra``."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, what
+    tol = 2 * eps_dt * np.abs(want) + 32 * EPS32 * (1 + np.abs(want).max(initial=0)) + extra
+    err = np.abs(got - want)
+    assert (err <= tol).all(), f"{what}: max error {err.max():.3g}, ratio {(err / tol).max():.3g}"
+
+
+def _agree_state(got, want, x, what):
+    assert set(got) == set(want), what
+    scale2 = (1 + np.abs(np.asarray(x, np.float64)).max()) ** 2
+    for k, v in got.items():
+        assert v.dtype == np.asarray(want[k]).dtype and v.shape == np.shape(want[k]), (what, k)
+        got_k, want_k = np.asarray(v, np.float64), np.asarray(want[k], np.float64)
+        np.testing.assert_allclose(
+            got_k, want_k, rtol=2e-5, atol=2e-6 * scale2, err_msg=f"{what}: {k}"
+        )
+
+
+def _counted(mask, shape):
+    """Per feature (the last axis): whether ``mask`` leaves it a valid element."""
+    valid = np.broadcast_to(True if mask is None else mask, shape)
+    return valid.reshape(-1, shape[-1]).any(0)
+
+
+def check_equinox_face(name, norm, shape, options, dtype, mask, seed):
+    """Two training calls and an inference call of the Equinox layer on batches
+    in the core's layout: outputs and running statistics equal what the core
+    normalizer computes on the same batches (Equinox's rules in
+    ``equinox_face.core_step``), and the first call equals the float64 reference."""
+    face = equinox_face.FACES[name]
+    eps_dt = float(jnp.finfo(DTYPES[dtype]).eps)
+    case = case_for(norm, shape)
+    x1, m1, params, _, _, _ = _inputs(case, DTYPES[dtype], "jit", mask, seed)
+    x2, m2, _, _, _, _ = _inputs(case, DTYPES[dtype], "jit", mask, seed + 1)
+    layer, state = equinox_face.build(name, norm, shape, **options)
+    if options.get("use_bias"):  # Equinox's RMSNorm has a bias, the core's does not
+        params["bias"] = np.random.default_rng(seed).uniform(-0.5, 0.5, layer.bias.shape)
+        params["bias"] = params["bias"].astype(np.float32)
+    layer = equinox_face.with_params(layer, params)
+    _, start = norm.init(np.zeros(shape, np.float32))
+    core_start = equinox_face.core_state(layer, state) if face.stateful else {}
+    _agree_state(core_start, start, x1, "the fresh state")
+
+    y1, s1 = equinox_face.apply(name, layer, state, x1, mask=m1)
+    want_y, want_state = equinox_face.core_step(layer, norm, params, start, x1, m1)
+    assert y1.dtype == x1.dtype
+    _agree(y1, want_y, eps_dt, "output")
+
+    # The first call against float64 ("ema" mode's first step copies the batch's).
+    first_norm = dataclasses.replace(norm, momentum=0.0) if options.get("mode") == "ema" else norm
+    p64 = _f64(params)
+    y_ref, state_ref, _ = case_for(first_norm, shape).reference(
+        _f64(x1), p64.get("scale"), p64.get("bias"), _f64(start), m1, 0, None
+    )
+    if options.get("use_bias"):
+        y_ref = y_ref + p64["bias"]
+    check_output(case, _f64(x1), p64, m1, 0, y1, y_ref, eps_dt)
+    if not face.stateful:
+        return
+    _agree_state(equinox_face.core_state(layer, s1), want_state, x1, "state after one call")
+    scale2 = (1 + np.abs(_f64(x1)).max()) ** 2
+    for k, v in equinox_face.core_state(layer, s1).items():
+        v = np.asarray(v, np.float64)
+        np.testing.assert_allclose(v, state_ref[k], rtol=2e-5, atol=2e-6 * scale2, err_msg=k)
+
+    # A second call from the state the first wrote. "ema" mode's first step lasts
+    # until every channel's statistics were finite and counted.
+    first = not _counted(m1, shape).all()
+    y2, s2 = equinox_face.apply(name, layer, s1, x2, mask=m2)
+    want_y, want_state = equinox_face.core_step(
+        layer, norm, params, want_state, x2, m2, steps=1, first=first
+    )
+    if options.get("mode") == "ema" and not first:
+        # A channel with no valid element has no statistics: "ema" mode normalizes
+        # its (masked) elements with the moving averages mixed with the empty batch's.
+        y2, want_y = (y[..., _counted(m2, shape)] for y in (y2, want_y))
+    _agree(y2, want_y, eps_dt, "output of the second call")
+    _agree_state(equinox_face.core_state(layer, s2), want_state, x2, "state after two calls")
+
+    # Inference: the core's evaluation with the statistics the state stands for,
+    # whose float32 rounding the output carries (var + eps may be small).
+    y3, _ = equinox_face.apply(name, layer, s2, x1, training=False)
+    stats = equinox_face.inference_state(layer, s2)
+    want_y, _ = equinox_face.core_apply(norm, params, stats, x1, training=False)
+    extra, rounding = 0.0, equinox_face.inference_rounding(layer, s2)
+    if rounding is not None:  # per feature
+        d_mean, d_var = rounding
+        inv = 1 / np.sqrt(np.float64(stats["var"]) + norm.epsilon)
+        scale = np.abs(p64["scale"]) if "scale" in p64 else 1.0
+        off = np.abs(np.float64(want_y) - p64.get("bias", 0.0))
+        extra = scale * inv * d_mean + off * inv**2 * d_var
+    _agree(y3, want_y, eps_dt, "inference output", extra)
+
+
+def test_every_equinox_layer_has_a_face():
+    """Each layer class of ``bn_jax.equinox`` runs through the matrices."""
+    equinox_face.require()
+    bnx = equinox_face.bnx
+    layers = {n for n in bnx.__all__ if isinstance(getattr(bnx, n), type)}
+    assert layers == {face.layer for face in equinox_face.FACES.values()}
+
+
+EQX_VARIANTS = equinox_face.variants()
+
+
+@pytest.mark.parametrize("case", EQX_VARIANTS)
+@examples(ci=3)
+@given(st.data())
+def test_equinox_layers_compute_what_the_core_computes(case, data):
+    equinox_face.require()
+    name, options = EQX_VARIANTS[case]
+    check_equinox_face(name, options=options, **data.draw(equinox_examples(name, options)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="bn_jax.equinox.BatchNorm(mode='ema', unbiased_running_var=True) normalizes a "
+    "training batch with the moving averages mixed with the biased batch variance, not "
+    "with the running statistics after this step's update, as its docstring says",
+)
+def test_equinox_ema_mode_with_unbiased_running_var():
+    equinox_face.require()
+    norm = equinox_face.core(
+        "BatchNorm", momentum=0.5, unbiased_running_var=True, allow_single_value=True
+    )
+    check_equinox_face("BatchNorm", norm, (4, 2, 3), {"mode": "ema"}, "float32", None, 0)
