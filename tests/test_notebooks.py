@@ -22,6 +22,8 @@ def test_all_notebooks_present():
         "02_distributed",
         "03_small_batches",
         "04_inference",
+        "05_batch_size",
+        "06_distribution_shift",
     ], names
 
 
@@ -38,9 +40,11 @@ def test_notebook_runs(path, monkeypatch):
 
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    # Raises CellExecutionError (with the cell and traceback) if any cell fails.
+    # Raises CellExecutionError (with the cell and traceback) if any cell fails. A
+    # study's sweep is one cell of about a minute and a half on a loaded 2-core
+    # machine, so a cell may take what the whole notebook may.
     NotebookClient(
-        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
     ).execute()
     elapsed = time.perf_counter() - start
     assert elapsed < 240, f"{path.name} took {elapsed:.0f} s; keep notebooks under 2 minutes"
