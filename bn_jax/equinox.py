@@ -217,6 +217,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         count_skipped: bool = False,
         axis_index_groups: Sequence[Sequence[int]] | None = None,
     ) -> None:
+        checks.check_epsilon(eps, "eps")
         super().__init__(
             input_size,
             axis_name,
@@ -397,21 +398,6 @@ def _ema_call(
     shape = lay.features
     b_mean, b_var = m.mean.reshape(shape), normalizing_var(m, mask).reshape(shape)
     first = state.get(first_index)
-    mom = jnp.asarray(layer.momentum, b_mean.dtype)
-    mix_mean = jnp.where(first, b_mean, mom * running["mean"] + (1 - mom) * b_mean)
-    mix_var = jnp.where(first, b_var, mom * running["var"] + (1 - mom) * b_var)
-    scale, bias = (
-        params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
-    )
-    y = _common.normalize_with(
-        x,
-        mix_mean.reshape(lay.pshape),
-        mix_var.reshape(lay.pshape),
-        scale,
-        bias,
-        norm.epsilon,
-        lay.cfg.out_dtype,
-    )
     count = m.count.reshape(shape)
     moving = update_running(
         stats, b_mean, b_var, count, momentum=layer.momentum, unbiased=layer.unbiased_running_var
@@ -421,6 +407,33 @@ def _ema_call(
     )
     new = jax.tree.map(lambda c, mv: jnp.where(first, c, mv), copied, moving)
     ok = jnp.isfinite(b_mean) & jnp.isfinite(b_var) & (count > 0)
+    # The first step normalizes with the batch's statistics (as does a channel whose
+    # statistics are not finite: the output shows it); later steps with the running
+    # statistics they store (`new`, whose values update_running keeps out of the
+    # gradient), the gradient flowing through this batch's share of them as in
+    # Equinox: 1 - momentum, times n / (n - 1) for an unbiased running variance.
+    weight = 1 - jnp.asarray(layer.momentum, b_mean.dtype)
+    k = count.astype(b_var.dtype)
+    n_ratio = k / jnp.maximum(k - 1, 1) if layer.unbiased_running_var else 1
+
+    def share(v: jax.Array, factor: Any) -> jax.Array:
+        return jnp.where(ok, weight * factor * (v - lax.stop_gradient(v)), 0)
+
+    batch = first | ~(jnp.isfinite(b_mean) & jnp.isfinite(b_var))
+    used_mean = jnp.where(batch, b_mean, new["mean"] + share(b_mean, 1))
+    used_var = jnp.where(batch, b_var, new["var"] + share(b_var, n_ratio))
+    scale, bias = (
+        params[n].reshape(lay.pshape) if n in lay.used else None for n in ("scale", "bias")
+    )
+    y = _common.normalize_with(
+        x,
+        used_mean.reshape(lay.pshape),
+        used_var.reshape(lay.pshape),
+        scale,
+        bias,
+        norm.epsilon,
+        lay.cfg.out_dtype,
+    )
     state = state.set(first_index, first & ~jnp.all(ok))
     state = _set(state, running_index, (new["mean"], new["var"]))
     return y, _set_extra(layer, state, new)
@@ -468,6 +481,7 @@ class LayerNorm(eqx.nn.LayerNorm):
         use_fast_variance: bool = False,
         memory_efficient: bool = False,
     ) -> None:
+        checks.check_epsilon(eps, "eps")
         super().__init__(
             shape, eps, use_weight, use_bias, dtype, elementwise_affine=elementwise_affine
         )
@@ -578,6 +592,7 @@ class RMSNorm(eqx.nn.RMSNorm):
         *,
         memory_efficient: bool = False,
     ) -> None:
+        checks.check_epsilon(eps, "eps")
         super().__init__(shape, eps, use_weight, use_bias, dtype)
         self.memory_efficient = memory_efficient
         _core_rms_norm(self, jnp.dtype(jnp.float32))
@@ -680,6 +695,7 @@ class GroupNorm(eqx.nn.GroupNorm):
         use_fast_variance: bool = False,
         memory_efficient: bool = False,
     ) -> None:
+        checks.check_epsilon(eps, "eps")
         super().__init__(groups, channels, eps, channelwise_affine, dtype)
         self.use_fast_variance = use_fast_variance
         self.memory_efficient = memory_efficient
@@ -802,6 +818,7 @@ class BatchRenorm(eqx.nn.StatefulLayer):
         count_skipped: bool = False,
         axis_index_groups: Sequence[Sequence[int]] | None = None,
     ) -> None:
+        checks.check_epsilon(eps, "eps")
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
@@ -944,6 +961,7 @@ class SequenceBatchNorm(eqx.nn.StatefulLayer):
         count_skipped: bool = False,
         axis_index_groups: Sequence[Sequence[int]] | None = None,
     ) -> None:
+        checks.check_epsilon(eps, "eps")
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
@@ -1096,6 +1114,7 @@ class GhostBatchNorm(eqx.nn.StatefulLayer):
         count_skipped: bool = False,
         axis_index_groups: Sequence[Sequence[int]] | None = None,
     ) -> None:
+        checks.check_epsilon(eps, "eps")
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
@@ -1250,6 +1269,7 @@ class InstanceNorm(eqx.Module):
         *,
         use_fast_variance: bool = False,
     ) -> None:
+        checks.check_epsilon(eps, "eps")
         if channels is None and channelwise_affine:
             raise ValueError(
                 "InstanceNorm: channelwise_affine=True needs channels (the number of "

@@ -487,7 +487,7 @@ def test_shape_errors_name_the_shapes():
         bnx.BatchNorm(C, "batch", mode="foo")
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\].*got 2.0"):
         bnx.BatchNorm(C, "batch", mode="batch", momentum=2.0)
-    with pytest.raises(ValueError, match=r"epsilon must be a positive finite float, got 0.0"):
+    with pytest.raises(ValueError, match=r"^eps must be a positive finite float, got 0.0"):
         bnx.LayerNorm(3, eps=0.0)
     with pytest.raises(ValueError, match=r"momentum=None .* needs mode='batch'"):
         bnx.BatchNorm(C, "batch", mode="ema", momentum=None)

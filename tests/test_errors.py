@@ -209,14 +209,10 @@ def test_equinox_non_positive_eps(name, eps):
         eqx_face.build(name, changes={"epsilon": eps})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bn_jax.equinox names the core's argument: 'epsilon must be a positive finite "
-    "float', where the Equinox constructor's argument is eps",
-)
 @pytest.mark.parametrize("name", EQX)
 def test_equinox_eps_error_names_eps(name):
-    with pytest.raises(ValueError, match=r"\beps\b"):
+    """The message names the constructor's argument, ``eps``."""
+    with pytest.raises(ValueError, match=r"^eps must be a positive finite float, got 0.0"):
         eqx_face.build(name, changes={"epsilon": 0.0})
 
 

@@ -33,12 +33,12 @@ def check_momentum(momentum: float | None) -> None:
         )
 
 
-def check_epsilon(epsilon: float) -> None:
-    """Raises unless ``epsilon`` is a positive finite number."""
+def check_epsilon(epsilon: float, name: str = "epsilon") -> None:
+    """Raises unless ``epsilon`` (the argument ``name``) is a positive finite number."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating)):
-        raise TypeError(f"epsilon must be a positive float, got {epsilon!r}.")
+        raise TypeError(f"{name} must be a positive float, got {epsilon!r}.")
     if not float(epsilon) > 0.0 or not math.isfinite(float(epsilon)):
-        raise ValueError(f"epsilon must be a positive finite float, got {epsilon!r}.")
+        raise ValueError(f"{name} must be a positive finite float, got {epsilon!r}.")
 
 
 def canonical_axis(axis: int | Sequence[int], name: str = "axis") -> int | tuple[int, ...]:
