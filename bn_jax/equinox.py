@@ -1163,14 +1163,20 @@ class GhostBatchNorm(eqx.nn.StatefulLayer):
 
 
 def _ghost_axes(axis_name: Any) -> tuple[Hashable, Any]:
-    """``(examples, shared)``: the name whose examples form the virtual batches (the
-    last), and the names that only share the running update (None if there are none)."""
+    """GhostBatchNorm's :func:`_example_axes`."""
+    why = "its virtual batches are groups of the examples of the mapped axis"
+    return _example_axes(axis_name, "GhostBatchNorm", why)
+
+
+def _example_axes(axis_name: Any, layer: str, why: str) -> tuple[Hashable, Any]:
+    """``(examples, shared)``: the name whose examples a layer gathers into one batch
+    (the last), and the names before it (None if there are none); ``why`` says what
+    the layer needs the examples for."""
     names = _names(axis_name)
     if names is None or names == ():
         raise ValueError(
-            f"GhostBatchNorm needs axis_name: its virtual batches are groups of the examples "
-            f"of the mapped axis; got axis_name={axis_name!r}. Pass the name of the jax.vmap "
-            f"over the examples, e.g. axis_name='batch'."
+            f"{layer} needs axis_name: {why}; got axis_name={axis_name!r}. Pass the name "
+            f"of the jax.vmap over the examples, e.g. axis_name='batch'."
         )
     if not isinstance(names, tuple):
         return names, None
@@ -1199,21 +1205,32 @@ def _ghost_batch_norm_call(
     layer: GhostBatchNorm, x: Any, state: State, training: bool, mask: Any
 ) -> tuple[jax.Array, State]:
     norm = _core_ghost_batch_norm(layer, _param_dtype(layer.weight, layer.bias))
+    examples = _ghost_axes(layer.axis_name)[0]
+    if training:
+        _check_bound(_names(layer.axis_name), "GhostBatchNorm")
+        size, v = lax.axis_size(examples), layer.virtual_batch_size
+        if size % v:
+            raise ValueError(
+                f"GhostBatchNorm: virtual_batch_size={v} does not divide the {size} examples "
+                f"of the mapped axis {examples!r} (the last name of axis_name); map the layer "
+                f"over a multiple of {v} examples, or use a virtual_batch_size among the "
+                f"divisors of {size}."
+            )
+    return _gathered_call(layer, norm, x, state, training, mask, examples)
+
+
+def _gathered_call(
+    layer: Any, norm: Any, x: Any, state: State, training: bool, mask: Any, examples: Hashable
+) -> tuple[jax.Array, State]:
+    """Runs the core ``norm`` (batch axis 0) for one example ``x`` of the mapped axis
+    ``examples`` with the state of ``layer.state_index``: in inference on the example
+    alone; in training on all the examples of the axis, gathered into one batch.
+    Returns the example's output and the new state."""
     params, stats = _params(layer.weight, layer.bias), state.get(layer.state_index)
     x = jnp.asarray(x)
     if not training:  # per example: no axis needed
         y, _ = norm.apply(params, stats, x[None], training=False, mask=mask)
         return y[0], state
-    _check_bound(_names(layer.axis_name), "GhostBatchNorm")
-    examples = _ghost_axes(layer.axis_name)[0]
-    size, v = lax.axis_size(examples), layer.virtual_batch_size
-    if size % v:
-        raise ValueError(
-            f"GhostBatchNorm: virtual_batch_size={v} does not divide the {size} examples "
-            f"of the mapped axis {examples!r} (the last name of axis_name); map the layer "
-            f"over a multiple of {v} examples, or use a virtual_batch_size among the "
-            f"divisors of {size}."
-        )
     # The examples of the mapped axis as one batch: under vmap all_gather is a
     # relayout whose result is unbatched, so the normalizer (and the new state)
     # is computed once, and the state leaves the vmap with out_axes=None. Under
@@ -1230,7 +1247,7 @@ def _ghost_batch_norm_call(
     return y, _set(state, layer.state_index, new)
 
 
-class InstanceNorm(eqx.Module):
+class InstanceNorm(eqx.nn.StatefulLayer):
     r"""Instance Normalization as an Equinox layer, computed by :class:`bn_jax.InstanceNorm`.
 
     Like Equinox's per-example layers (``GroupNorm``): ``x`` of shape
@@ -1239,15 +1256,58 @@ class InstanceNorm(eqx.Module):
 
         y = (x - mean(x_c)) / sqrt(var(x_c) + eps) * weight + bias
 
-    It keeps no running statistics (``GroupNorm(groups=channels)`` computes
-    the same); a ``state`` passed in is returned unchanged.
+    By default it keeps no running statistics (``GroupNorm(groups=channels)``
+    computes the same) and is called as ``layer(x)``; a ``state`` passed in is
+    returned unchanged.
+
+    With ``track_running_stats=True`` (PyTorch's option) it is a stateful
+    layer, called like :class:`BatchNorm` on one example under ``jax.vmap``
+    with ``axis_name``: ``layer(x, state) -> (y, state)``. Training still
+    normalizes each example with its own statistics, and moves the running
+    statistics (one ``StateIndex``, ``state_index``, holding
+    :class:`bn_jax.InstanceNorm`'s ``{"mean", "var"}``, from mean 0 and
+    variance 1) towards the average over the mapped examples of their
+    instance statistics::
+
+        running = momentum * running + (1 - momentum) * mean_n(mu_n, var_n)
+
+    Inference (``inference=True``, ``eqx.nn.inference_mode``) normalizes with
+    the running statistics. In training the layer gathers the examples of the
+    axis (under ``vmap`` a relayout, not a collective), runs
+    :class:`bn_jax.InstanceNorm` once on them and returns this example's row,
+    as :class:`GhostBatchNorm` does; the new state is unbatched
+    (``out_axes=None``).
 
     Args:
-      channels: the number of channels (needed when ``channelwise_affine``).
+      channels: the number of channels (needed when ``channelwise_affine`` or
+        ``track_running_stats``).
       eps: added to the variance; must be positive.
       channelwise_affine: learn a per-channel ``weight`` and ``bias``.
-      dtype: the dtype of ``weight`` and ``bias`` (float32 by default).
+      dtype: the dtype of ``weight``, ``bias`` and the running statistics
+        (float32 by default).
       use_fast_variance: ``E[x^2] - E[x]^2`` instead of the stable formula.
+      track_running_stats: keep running statistics for inference.
+      axis_name: with ``track_running_stats``, the name of the ``vmap`` over
+        the examples (required; one name).
+      momentum: weight of the old running statistics (PyTorch's 0.1 is 0.9
+        here); None keeps the cumulative average.
+      inference: normalize with the running statistics (with
+        ``track_running_stats``).
+      unbiased_running_var, allow_single_value, count_skipped: as in
+        :class:`bn_jax.InstanceNorm` (``allow_single_value`` is True here,
+        as for Equinox's per-example layers).
+
+    Raises:
+      ValueError: ``track_running_stats`` without ``channels`` or without
+        ``axis_name``, or with several names; ``axis_name`` without
+        ``track_running_stats``.
+
+    Example::
+
+        layer, state = eqx.nn.make_with_state(bnx.InstanceNorm)(
+            64, track_running_stats=True, axis_name="batch")
+        y, state = jax.vmap(layer, axis_name="batch", in_axes=(0, None),
+                            out_axes=(0, None))(x, state)
 
     Reference: D. Ulyanov, A. Vedaldi and V. Lempitsky, "Instance
     Normalization: The Missing Ingredient for Fast Stylization", arXiv 2016.
@@ -1259,6 +1319,16 @@ class InstanceNorm(eqx.Module):
     use_fast_variance: bool = eqx.field(static=True)
     weight: jax.Array | None
     bias: jax.Array | None
+    # Without running statistics axis_name, inference and state_index are None, so the
+    # layer's leaves are those of the per-example layer.
+    track_running_stats: bool = eqx.field(static=True, default=False)
+    momentum: float | None = eqx.field(static=True, default=0.99)
+    unbiased_running_var: bool = eqx.field(static=True, default=False)
+    allow_single_value: bool = eqx.field(static=True, default=True)
+    count_skipped: bool = eqx.field(static=True, default=False)
+    axis_name: Hashable | None = None
+    inference: bool | None = None
+    state_index: StateIndex[dict[str, jax.Array]] | None = None
 
     def __init__(
         self,
@@ -1268,12 +1338,35 @@ class InstanceNorm(eqx.Module):
         dtype: Any = None,
         *,
         use_fast_variance: bool = False,
+        track_running_stats: bool = False,
+        axis_name: Hashable | None = None,
+        momentum: float | None = 0.99,
+        inference: bool = False,
+        unbiased_running_var: bool = False,
+        allow_single_value: bool = True,
+        count_skipped: bool = False,
     ) -> None:
         checks.check_epsilon(eps, "eps")
-        if channels is None and channelwise_affine:
+        if channels is None and (channelwise_affine or track_running_stats):
+            need = "channelwise_affine=True" if channelwise_affine else "track_running_stats=True"
             raise ValueError(
-                "InstanceNorm: channelwise_affine=True needs channels (the number of "
-                "channels of the input), got channels=None."
+                f"InstanceNorm: {need} needs channels (the number of channels of the "
+                f"input), got channels=None."
+            )
+        if track_running_stats:
+            why = "its running statistics average the instance statistics of the examples"
+            examples, shared = _example_axes(
+                axis_name, "InstanceNorm(track_running_stats=True)", why
+            )
+            if shared is not None:
+                raise ValueError(
+                    f"InstanceNorm: axis_name must be one name, the jax.vmap over the "
+                    f"examples, got axis_name={axis_name!r}."
+                )
+        elif axis_name is not None:
+            raise ValueError(
+                f"InstanceNorm: axis_name={axis_name!r} is used only with "
+                f"track_running_stats=True (the statistics are per example otherwise)."
             )
         self.channels = channels
         self.eps = eps
@@ -1282,11 +1375,28 @@ class InstanceNorm(eqx.Module):
         dt = _float_dtype(dtype)
         self.weight = jnp.ones((channels,), dt) if channelwise_affine else None
         self.bias = jnp.zeros((channels,), dt) if channelwise_affine else None
-        _core_instance_norm(self)
+        self.track_running_stats = track_running_stats
+        self.momentum = momentum
+        self.unbiased_running_var = unbiased_running_var
+        self.allow_single_value = allow_single_value
+        self.count_skipped = count_skipped
+        self.axis_name = examples if track_running_stats else None
+        self.inference = inference if track_running_stats else None
+        norm = _core_instance_norm(self, dt)  # every option checked now
+        self.state_index = StateIndex(norm.init(channels)[1]) if track_running_stats else None
+
+    def is_stateful(self) -> bool:
+        """Whether ``eqx.nn.Sequential`` passes the state: with ``track_running_stats``."""
+        return self.track_running_stats
 
     @overload
     def __call__(
-        self, x: jax.Array, *, key: jax.Array | None = None, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        *,
+        key: jax.Array | None = None,
+        inference: bool | None = None,
+        mask: jax.Array | None = None,
     ) -> jax.Array: ...
 
     @overload
@@ -1296,6 +1406,7 @@ class InstanceNorm(eqx.Module):
         state: State,
         *,
         key: jax.Array | None = None,
+        inference: bool | None = None,
         mask: jax.Array | None = None,
     ) -> tuple[jax.Array, State]: ...
 
@@ -1305,19 +1416,47 @@ class InstanceNorm(eqx.Module):
         state: State = _NO_STATE,
         *,
         key: jax.Array | None = None,
+        inference: bool | None = None,
         mask: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, State]:
         """Normalizes ``x`` of shape ``(channels, *spatial)`` per channel; returns ``y``,
-        or ``(y, state)`` when a state is passed (unchanged)."""
+        or ``(y, state)`` when a state is passed (unchanged without running statistics).
+
+        Args:
+          x: one example, channels first.
+          state: the ``eqx.nn.State`` (required with ``track_running_stats``).
+          key: ignored (Equinox's layer interface).
+          inference: overrides the ``inference`` field when not None (only
+            ``track_running_stats`` uses it).
+          mask: boolean, broadcastable to ``x``: only True elements enter the
+            statistics.
+
+        Raises:
+          TypeError: no ``state`` with ``track_running_stats``.
+          NameError: training with running statistics and an ``axis_name`` that
+            no ``vmap`` / ``pmap`` / ``shard_map`` binds.
+        """
         del key
-        x = jnp.asarray(x)[None]  # the normalizer's layout: a batch of one example
-        y, _ = _core_instance_norm(self).apply(
-            _params(self.weight, self.bias), {}, x, training=True, mask=mask
-        )
-        return y[0] if state is _NO_STATE else (y[0], state)
+        if self.state_index is None:
+            x = jnp.asarray(x)[None]  # the normalizer's layout: a batch of one example
+            norm = _core_instance_norm(self, _param_dtype(self.weight, self.bias))
+            y, _ = norm.apply(_params(self.weight, self.bias), {}, x, training=True, mask=mask)
+            return y[0] if state is _NO_STATE else (y[0], state)
+        if state is _NO_STATE:
+            raise TypeError(
+                "InstanceNorm with track_running_stats=True needs its state: call "
+                "layer(x, state), with the state from eqx.nn.make_with_state."
+            )
+        training = not (self.inference if inference is None else inference)
+        if training:
+            _check_bound(self.axis_name, "InstanceNorm")
+        norm = _core_instance_norm(self, _param_dtype(self.weight, self.bias))
+        return _gathered_call(self, norm, x, state, training, mask, self.axis_name)
 
 
-def _core_instance_norm(layer: InstanceNorm) -> bn_jax.InstanceNorm:
+def _core_instance_norm(layer: InstanceNorm, param_dtype: Any) -> bn_jax.InstanceNorm:
+    """The core InstanceNorm on a batch ``(batch, channels, *spatial)``; the layer's
+    ``axis_name`` is the batch's, not the core's (which splits the spatial axes)."""
     return _layers.normalizer(
         bn_jax.InstanceNorm,
         layer,
@@ -1326,8 +1465,8 @@ def _core_instance_norm(layer: InstanceNorm) -> bn_jax.InstanceNorm:
             "use_scale": layer.channelwise_affine,
             "use_bias": layer.channelwise_affine,
             "feature_axes": 1,
-            "param_dtype": _param_dtype(layer.weight, layer.bias),
-            "allow_single_value": True,
+            "param_dtype": param_dtype,
+            "axis_name": None,
         },
     )
 

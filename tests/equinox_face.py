@@ -59,6 +59,8 @@ class Face:
         LayerNorm / RMSNorm normalize over; every leading axis is mapped).
       stateful: called with an ``eqx.nn.State`` under a ``vmap`` that binds
         ``AXIS``; the others are per-example layers.
+      state_option: an option (of the layer and the core normalizer alike)
+        that makes a per-example layer stateful when True.
       config: core options the layer always has (merged over the registry
         entry's config).
       options: Equinox's own options and the values the fuzz draws (the
@@ -69,6 +71,7 @@ class Face:
     build: Callable[..., Any]
     layout: str
     stateful: bool = False
+    state_option: str | None = None
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     options: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
@@ -131,11 +134,15 @@ def _group_norm(cfg, shape):
     )  # fmt: skip
 
 
-def _instance_norm(cfg, shape):
-    _plain(cfg, feature_axes=-1, track_running_stats=False, allow_single_value=True)
+def _instance_norm(cfg, shape, track_running_stats=False):
+    _plain(cfg, feature_axes=-1, axis_name=None, axis_index_groups=None)
+    _plain(cfg, track_running_stats=track_running_stats)
+    keys = ("use_fast_variance", "momentum", "unbiased_running_var", "allow_single_value",
+            "count_skipped")  # fmt: skip
     return bnx.InstanceNorm(
-        shape[-1], cfg["epsilon"], _affine(cfg), use_fast_variance=cfg["use_fast_variance"]
-    )
+        shape[-1], cfg["epsilon"], _affine(cfg), track_running_stats=track_running_stats,
+        axis_name=AXIS if track_running_stats else None, **{k: cfg[k] for k in keys},
+    )  # fmt: skip
 
 
 def example_rank(cfg, ndim: int) -> int:
@@ -182,8 +189,9 @@ FACES: dict[str, Face] = {
     ),
     "GroupNorm": Face("GroupNorm", _group_norm, "channels_first"),
     "InstanceNorm": Face(
-        "InstanceNorm", _instance_norm, "channels_first",
+        "InstanceNorm", _instance_norm, "channels_first", state_option="track_running_stats",
         config={"track_running_stats": False, "allow_single_value": True},
+        options={"track_running_stats": (False, True)},
     ),
     "LayerNorm": Face("LayerNorm", _layer_norm, "trailing"),
     "RMSNorm": Face("RMSNorm", _rms_norm, "trailing", options={"use_bias": (False, True)}),
@@ -205,14 +213,28 @@ def variants(names: list[str] = NAMES) -> dict[str, tuple[str, dict[str, Any]]]:
     return cases
 
 
+def stateful(name: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether the face ``name`` with Equinox's ``options`` is a stateful layer."""
+    face = FACES[name]
+    return face.stateful or bool((options or {}).get(face.state_option or ""))
+
+
+def stateful_variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The cases of :func:`variants` whose layer is stateful."""
+    return {case: v for case, v in variants().items() if stateful(*v)}
+
+
 def require() -> None:
     if bnx is None:
         pytest.skip("equinox is not installed (the bn_jax[equinox] extra)")
 
 
-def core(name: str, **extra: Any) -> Any:
-    """The core normalizer of the registry entry ``name`` that its face can stand for."""
-    return NORMALIZERS[name].build(**{**FACES[name].config, **extra})
+def core(name: str, options: Mapping[str, Any] | None = None, **extra: Any) -> Any:
+    """The core normalizer of the registry entry ``name`` that its face, with Equinox's
+    ``options``, can stand for."""
+    face = FACES[name]
+    state = {face.state_option: stateful(name, options)} if face.state_option else {}
+    return NORMALIZERS[name].build(**{**face.config, **state, **extra})
 
 
 def build(name: str, norm: Any = None, shape: tuple[int, ...] = X_SHAPE, *,
@@ -223,10 +245,10 @@ def build(name: str, norm: Any = None, shape: tuple[int, ...] = X_SHAPE, *,
     ``eqx.nn.State`` (None for a per-example layer)."""
     require()
     face = FACES[name]
-    norm = core(name) if norm is None else norm
+    norm = core(name, options) if norm is None else norm
     cfg = {f.name: getattr(norm, f.name) for f in dataclasses.fields(norm)}
     layer = face.build({**cfg, **(changes or {})}, tuple(shape), **options)
-    return layer, (eqx.nn.State(layer) if face.stateful else None)
+    return layer, (eqx.nn.State(layer) if stateful(name, options) else None)
 
 
 def with_params(layer, params: Mapping[str, Any]):

@@ -222,7 +222,7 @@ NORMALIZERS: dict[str, Entry] = {
         "feature_axes",
         _instance_ref,
         lambda config: {"mean": (C,), "var": (C,)} if config["track_running_stats"] else {},
-        single_value=((4, C), {}, r"feature_axes=-1 leaves a single value per instance"),
+        single_value=((4, C), {}, r"InstanceNorm: .* leaves a single value per instance"),
         variants={"untracked": ({"track_running_stats": False}, False)},
         split=("reduced", {}),
     ),

@@ -135,7 +135,7 @@ def test_example_runs_the_recipe(capsys):
     assert "weights finite: False, running statistics finite: True" in out
 
 
-EQX_STATEFUL = equinox_face.variants(equinox_face.STATEFUL)
+EQX_STATEFUL = equinox_face.stateful_variants()
 
 
 @pytest.mark.parametrize("case", EQX_STATEFUL)

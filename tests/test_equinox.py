@@ -1009,6 +1009,155 @@ def test_recalibrate_leaves_a_ghost_batch_norm_as_it_is():
     chex.assert_trees_all_equal(new.get(index), state.get(index))
 
 
+# ------------------------------------------------------------ InstanceNorm running stats
+
+
+def make_instance(**kw):
+    """An InstanceNorm with running statistics, a non-trivial weight and bias, and its state."""
+    layer, state = eqx.nn.make_with_state(bnx.InstanceNorm)(
+        C, track_running_stats=True, axis_name="batch", momentum=0.5, **kw
+    )
+    return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (GHOST_W, GHOST_B)), state
+
+
+@eqx.filter_jit
+def _instance_step(layer, x, state, mask):
+    """Equinox's way: the layer on one example under ``vmap(axis_name="batch")``."""
+    return jax.vmap(
+        lambda x, m, s: layer(x, s, mask=m),
+        axis_name="batch",
+        in_axes=(0, None if mask is None else 0, None),
+        out_axes=(0, None),
+    )(x, mask, state)
+
+
+@partial(jax.jit, static_argnums=0)
+def _core_instance_step(norm, params, state, x, mask):
+    return norm.apply(params, state, x, training=True, mask=mask)
+
+
+def test_instance_norm_running_stats_equal_the_core_and_float64():
+    """``track_running_stats=True`` under ``eqx.filter_jit`` + ``vmap(axis_name="batch")``,
+    over two steps (the second masked): each example is normalized with its own
+    statistics, and the output and the new (unbatched) running statistics equal
+    :class:`bn_jax.InstanceNorm` (``track_running_stats=True``) on the whole batch
+    and float64 Instance Normalization (running statistics moving towards the
+    count-weighted average over the examples of their instance statistics)."""
+    layer, state = make_instance()
+    assert layer.is_stateful()
+    norm = bn_jax.InstanceNorm(track_running_stats=True, feature_axes=1, momentum=0.5, epsilon=1e-5)
+    params = {"scale": jnp.asarray(GHOST_W), "bias": jnp.asarray(GHOST_B)}
+    core_state = norm.init(C)[1]
+    state64 = {"mean": np.zeros(C), "var": np.ones(C)}
+    rng = np.random.default_rng(40)
+    for step, mask in enumerate([None, rng.random((16, 1, 3)) > 0.3]):
+        x = data(41 + step, shape=(16, C, 3), std=1.0 + step)
+        y, state = _instance_step(layer, jnp.asarray(x), state, mask)
+        y_core, core_state = _core_instance_step(norm, params, core_state, jnp.asarray(x), mask)
+        y64, state64 = ref.instance_norm_step(
+            x, GHOST_W, GHOST_B, state64, feature_axes=1, eps=1e-5, momentum=0.5, mask=mask
+        )
+        new = state.get(layer.state_index)
+        assert new["mean"].shape == (C,)  # unbatched: it left the vmap with out_axes=None
+        np.testing.assert_allclose(y, y_core, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(new, core_state, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(y, y64, rtol=1e-4, atol=1e-5)
+        for k in ("mean", "var"):
+            np.testing.assert_allclose(new[k], state64[k], rtol=1e-5, err_msg=k)
+    # Per example, as without running statistics.
+    plain = jax.vmap(
+        eqx.tree_at(lambda m: (m.weight, m.bias), bnx.InstanceNorm(C), (GHOST_W, GHOST_B))
+    )
+    np.testing.assert_allclose(y, plain(jnp.asarray(x), mask=mask), rtol=1e-5, atol=1e-5)
+
+
+def test_instance_norm_inference_uses_the_running_statistics():
+    """Inference (the field, ``eqx.nn.inference_mode`` or the call argument) normalizes
+    each example with the running statistics (mean 0 and var 1 before training),
+    needs no bound axis and leaves the state as it is."""
+    layer, state = make_instance()
+    x = data(43)
+    frozen = eqx.nn.inference_mode(layer)
+    assert frozen.inference and not layer.inference
+    y, _ = jbatched(frozen)(jnp.asarray(x), state)
+    np.testing.assert_allclose(
+        y, ref.bn_eval(x, np.zeros(C), np.ones(C), GHOST_W, GHOST_B, axis=1), rtol=1e-6
+    )
+    _, state = _instance_step(layer, jnp.asarray(data(44)), state, None)
+    stats = state.get(layer.state_index)
+    want = ref.bn_eval(x, stats["mean"], stats["var"], GHOST_W, GHOST_B, axis=1)
+    for run in (frozen, lambda x, s: layer(x, s, inference=True)):
+        y, same = jbatched(run)(jnp.asarray(x), state)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_equal(same, state)
+    y0, _ = frozen(jnp.asarray(x[0]), state)  # one example, no vmap
+    np.testing.assert_allclose(y0, want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_instance_norm_without_running_stats_is_unchanged():
+    """The default layer keeps its leaves (weight and bias only), is called without a
+    state, and ``Sequential`` calls it so; with running statistics ``Sequential``
+    passes the state, as by hand, and bf16 input gives bf16 output within bf16
+    rounding of the float32 call, with a float32 state."""
+    off = bnx.InstanceNorm(C)
+    assert not off.is_stateful() and off.state_index is None and off.inference is None
+    assert len(jax.tree.leaves(off)) == 2
+    x = jnp.asarray(data(45))
+    assert jax.vmap(off)(x).shape == x.shape
+    seq = eqx.nn.Sequential([bnx.InstanceNorm(C), eqx.nn.Lambda(jnp.ravel)])
+    assert not seq.is_stateful()
+    np.testing.assert_array_equal(jax.vmap(seq)(x), jax.vmap(off)(x).reshape(16, -1))
+
+    key = jax.random.key(4)
+    layers = [
+        eqx.nn.Conv1d(C, 4, 1, key=key),
+        bnx.InstanceNorm(4, track_running_stats=True, axis_name="batch"),
+        eqx.nn.Lambda(jnp.ravel),
+    ]
+    seq, state = eqx.nn.make_with_state(eqx.nn.Sequential)(layers)
+    assert seq.is_stateful()
+    y, new = jbatched(seq)(x, state)
+
+    def by_hand(x, state):
+        h, state = seq.layers[1](seq.layers[0](x), state)
+        return jnp.ravel(h), state
+
+    y2, new2 = jbatched(by_hand)(x, state)
+    np.testing.assert_array_equal(y, y2)
+    chex.assert_trees_all_equal(new, new2)
+
+    layer, state = make_instance()
+    x32 = jnp.asarray(data(46)).astype(jnp.bfloat16).astype(jnp.float32)
+    y16, s16 = jbatched(layer)(x32.astype(jnp.bfloat16), state)
+    y32, s32 = jbatched(layer)(x32, state)
+    assert y16.dtype == jnp.bfloat16
+    chex.assert_trees_all_equal_shapes_and_dtypes(s16, state)
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=3e-2, rtol=1e-2)
+    chex.assert_trees_all_close(s16, s32, rtol=1e-6)
+
+
+def test_instance_norm_running_stats_errors():
+    layer, state = make_instance()
+    x = jnp.asarray(data(47))
+    with pytest.raises(NameError, match=r"InstanceNorm: axis_name='batch' is not bound"):
+        layer(x[0], state)
+    with pytest.raises(TypeError, match=r"track_running_stats=True needs its state"):
+        layer(x[0])
+    with pytest.raises(
+        ValueError,
+        match=r"InstanceNorm\(track_running_stats=True\) needs axis_name.*got axis_name=None",
+    ):
+        bnx.InstanceNorm(C, track_running_stats=True)
+    with pytest.raises(ValueError, match=r"axis_name must be one name.*\('d', 'batch'\)"):
+        bnx.InstanceNorm(C, track_running_stats=True, axis_name=("d", "batch"))
+    with pytest.raises(ValueError, match=r"axis_name='batch' is used only with track_running"):
+        bnx.InstanceNorm(C, axis_name="batch")
+    with pytest.raises(ValueError, match=r"track_running_stats=True needs channels"):
+        bnx.InstanceNorm(channelwise_affine=False, track_running_stats=True, axis_name="b")
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\].*got 1.5"):
+        bnx.InstanceNorm(C, track_running_stats=True, axis_name="batch", momentum=1.5)
+
+
 @pytest.mark.parametrize("cls", [bnx.BatchRenorm, bnx.GhostBatchNorm])
 def test_family_constructors_start_with_equinox_batch_norm_s(cls):
     """Equinox BatchNorm's arguments but ``mode`` (names, kinds, defaults), then

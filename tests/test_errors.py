@@ -170,7 +170,7 @@ def test_num_groups_not_dividing_channels():
 # message that names the argument; an unbound axis name is Equinox's NameError.
 
 EQX = eqx_face.NAMES
-EQX_STATEFUL = eqx_face.variants(eqx_face.STATEFUL)
+EQX_STATEFUL = eqx_face.stateful_variants()
 
 
 def _eqx_trainings(name):
