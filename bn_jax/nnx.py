@@ -737,7 +737,11 @@ def _call(module: Any, cls: Any, x: Any, training: bool, mask: Any, **kwargs: An
     y, new = norm.apply(params, state, x, training=training, mask=mask, **kwargs)
     if stats and training:
         for name, v in stats.items():
-            v[...] = _layers.stored(new[name], v[...])
+            value = _layers.stored(new[name], v[...])
+            if value.dtype == v[...].dtype:
+                v[...] = value
+            else:  # a complex running mean replaces the real one, as in bn_jax.linen
+                v.set_value(value)
     return y
 
 
