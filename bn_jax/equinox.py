@@ -28,6 +28,7 @@ Equinox page.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
@@ -87,6 +88,68 @@ def _check_bound(axis_name: Any, layer: str) -> None:
             f"that name), e.g. jax.vmap(model, axis_name={axis_name!r}, in_axes=(0, None), "
             f"out_axes=(0, None))(x, state); inference never needs it."
         ) from None
+
+
+def _check_example(layer: Any, x: Any, step: Any = None, batch: Any = None) -> None:
+    """Checks one example ``x`` against the layer's constructor before the core sees it
+    (the core's messages speak of its own arguments and of a batch-first layout, not of
+    what an Equinox user wrote); with ``batch``, the core normalizer of a training call
+    over the examples of ``axis_name``, also the number of values per statistic."""
+    name, shape = type(layer).__name__, tuple(jnp.shape(x))
+    if name == "SequenceBatchNorm":
+        arg, size, axis, what = "input_size", layer.input_size, -1, "features along its last axis"
+        layout = "(input_size,) with step=" if step is not None else "(time, input_size)"
+        rank, order = (1 if step is not None else 2), "features last"
+        hint = "" if step is not None else " (or (input_size,) with step=)"
+    else:
+        arg = "channels" if name in ("GroupNorm", "InstanceNorm") else "input_size"
+        size, axis, what = getattr(layer, arg), 0, "channels along axis 0"
+        layout, rank, order, hint = f"({arg}, *spatial)", 1, "channels first", ""
+    if len(shape) < rank:
+        raise ValueError(
+            f"{name} takes one example of shape {layout}{hint}, got x.shape={shape}; Equinox "
+            f"layers take one example: map the layer over the batch with jax.vmap."
+        )
+    n = shape[axis]
+    if size is not None and n != size:
+        raise ValueError(
+            f"{name}: {arg}={size} but the example has {n} {what} (x.shape={shape}); "
+            f"Equinox layers take one example, {order}, of shape {layout}: map the layer "
+            f"over the batch with jax.vmap, or build it with {arg}={n}."
+        )
+    if name == "GroupNorm" and n % layer.groups:
+        raise ValueError(
+            f"GroupNorm: groups={layer.groups} does not divide the {n} channels along axis 0 "
+            f"of the example (x.shape={shape}); pick groups among the divisors of {n}."
+        )
+    if batch is None or layer.allow_single_value:
+        return
+    examples = checks.bound_axis_size(batch.axis_name, batch.axis_index_groups, name)
+    if name == "SequenceBatchNorm":  # statistics per time step
+        values, per = math.prod(shape[1:-1] if step is None else shape[:-1]), " per time step"
+    else:
+        values, per = math.prod(shape[1:]), ""
+    over = f" along axis_name={layer.axis_name!r}" if layer.axis_name is not None else ""
+    _check_values(
+        layer,
+        values * examples,
+        f"training on {examples} example{'s' if examples != 1 else ''} of shape {shape}{over}"
+        f"{' (statistics' + per + ')' if per else ''}",
+        "map the layer over 2 or more examples, or call it with inference=True "
+        "(eqx.nn.inference_mode)",
+    )
+
+
+def _check_values(layer: Any, values: int, what: str, fix: str) -> None:
+    """Raises when each statistic would see a single value and the layer does not
+    ``allow_single_value`` (the core's check, in the layer's terms)."""
+    if values > 1 or layer.allow_single_value:
+        return
+    raise ValueError(
+        f"{type(layer).__name__}: {what}, so each statistic sees a single value and its "
+        f"variance is meaningless; {fix}, or build the layer with allow_single_value=True "
+        f"(variance 0: the output is the bias, as Equinox computes it)."
+    )
 
 
 def _float_dtype(dtype: Any) -> Any:
@@ -302,6 +365,7 @@ def _batch_norm_call(
     params = _params(layer.weight, layer.bias)
     if training:
         _check_bound(norm.axis_name, "BatchNorm")
+    _check_example(layer, x, batch=norm if training else None)
     extra = {}
     if layer.count_index is not None:
         extra["count"] = state.get(layer.count_index)
@@ -727,6 +791,7 @@ class GroupNorm(eqx.nn.GroupNorm):
         """Normalizes ``x`` of shape ``(channels, *spatial)`` by groups of channels;
         returns ``y``, or ``(y, state)`` when a state is passed (unchanged)."""
         del key
+        _check_example(self, x)
         norm = _core_group_norm(self, jnp.ndim(x))
         y, _ = norm.apply(_params(self.weight, self.bias), {}, x, training=True, mask=mask)
         return y if state is _NO_STATE else (y, state)
@@ -886,6 +951,7 @@ def _stateful_call(
     """
     if training:
         _check_bound(norm.axis_name, type(layer).__name__)
+    _check_example(layer, x, kwargs.get("step"), batch=norm if training else None)
     x = jnp.asarray(x)
     if batch_axis:
         x = x[None]
@@ -1206,6 +1272,7 @@ def _ghost_batch_norm_call(
 ) -> tuple[jax.Array, State]:
     norm = _core_ghost_batch_norm(layer, _param_dtype(layer.weight, layer.bias))
     examples = _ghost_axes(layer.axis_name)[0]
+    _check_example(layer, x)
     if training:
         _check_bound(_names(layer.axis_name), "GhostBatchNorm")
         size, v = lax.axis_size(examples), layer.virtual_batch_size
@@ -1216,6 +1283,13 @@ def _ghost_batch_norm_call(
                 f"over a multiple of {v} examples, or use a virtual_batch_size among the "
                 f"divisors of {size}."
             )
+        _check_values(
+            layer,
+            v * math.prod(jnp.shape(x)[1:]),
+            f"training with virtual_batch_size={v} on examples of shape {tuple(jnp.shape(x))}",
+            "use virtual_batch_size >= 2, or call the layer with inference=True "
+            "(eqx.nn.inference_mode)",
+        )
     return _gathered_call(layer, norm, x, state, training, mask, examples)
 
 
@@ -1437,6 +1511,16 @@ class InstanceNorm(eqx.nn.StatefulLayer):
             no ``vmap`` / ``pmap`` / ``shard_map`` binds.
         """
         del key
+        _check_example(self, x)
+        training = not (self.inference if inference is None else inference)
+        if self.state_index is None or training:
+            _check_values(
+                self,
+                math.prod(jnp.shape(x)[1:]),
+                f"an example of shape {tuple(jnp.shape(x))} has one spatial position",
+                "pass examples of shape (channels, *spatial) with 2 or more positions, or "
+                "use LayerNorm or BatchNorm",
+            )
         if self.state_index is None:
             x = jnp.asarray(x)[None]  # the normalizer's layout: a batch of one example
             norm = _core_instance_norm(self, _param_dtype(self.weight, self.bias))
@@ -1447,7 +1531,6 @@ class InstanceNorm(eqx.nn.StatefulLayer):
                 "InstanceNorm with track_running_stats=True needs its state: call "
                 "layer(x, state), with the state from eqx.nn.make_with_state."
             )
-        training = not (self.inference if inference is None else inference)
         if training:
             _check_bound(self.axis_name, "InstanceNorm")
         norm = _core_instance_norm(self, _param_dtype(self.weight, self.bias))

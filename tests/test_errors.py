@@ -177,13 +177,86 @@ def _eqx_trainings(name):
     return (True, False) if eqx_face.FACES[name].stateful else (True,)
 
 
+def _eqx_example_shape(name, layer, shape):
+    """The shape of one example as the Equinox user passes it, for a core batch of ``shape``."""
+    k = len(getattr(layer, "shape", ()))
+    return eqx_face.to_examples(name, np.zeros(shape, np.float32), k).shape[1:]
+
+
+# The constructor argument that sets the feature size of each Equinox layer.
+EQX_SIZE_ARG = {"GroupNorm": "channels", "InstanceNorm": "channels", "LayerNorm": "shape",
+                "RMSNorm": "shape"}  # fmt: skip
+
+
 @pytest.mark.parametrize("name", EQX)
 def test_equinox_feature_size_mismatch(name):
+    """Named in Equinox's terms: the constructor argument and the example's shape as
+    passed (no batch axis added, no core ``params['scale']`` / ``axis=``)."""
     layer, state = eqx_face.build(name)
-    x = jnp.ones((*X_SHAPE[:-1], X_SHAPE[-1] + 1))
+    shape = (*X_SHAPE[:-1], X_SHAPE[-1] + 1)
+    arg = EQX_SIZE_ARG.get(name, "input_size")
+    size = tuple(layer.shape) if arg == "shape" else X_SHAPE[-1]
+    example = _eqx_example_shape(name, layer, shape)
     for training in _eqx_trainings(name):
-        with pytest.raises(ValueError, match=r"\(4,\).*\bx\b.*\(5,"):
-            eqx_face.apply(name, layer, state, x, training=training)
+        with pytest.raises(ValueError) as err:
+            eqx_face.apply(name, layer, state, jnp.ones(shape), training=training)
+        msg = str(err.value)
+        assert f"{arg}={size}" in msg and f"x.shape={example}" in msg, msg
+        assert msg.startswith(eqx_face.FACES[name].layer) and "jax.vmap" in msg, msg
+        assert "params[" not in msg and "axis=" not in msg, msg
+
+
+@pytest.mark.parametrize("name", [n for n in EQX if EQX_SIZE_ARG.get(n) != "shape"])
+def test_equinox_feature_size_mismatch_message(name):
+    layer, state = eqx_face.build(name)
+    shape = (*X_SHAPE[:-1], X_SHAPE[-1] + 1)
+    example = _eqx_example_shape(name, layer, shape)
+    arg = EQX_SIZE_ARG.get(name, "input_size")
+    where = (
+        "features along its last axis" if name == "SequenceBatchNorm" else "channels along axis 0"
+    )
+    want = (
+        re.escape(
+            f"{eqx_face.FACES[name].layer}: {arg}={X_SHAPE[-1]} but the example has "
+            f"{X_SHAPE[-1] + 1} {where} (x.shape={example}); Equinox layers take one example"
+        )
+        + r".*build it with "
+        + re.escape(f"{arg}={X_SHAPE[-1] + 1}.")
+    )
+    with pytest.raises(ValueError, match=want):
+        eqx_face.apply(name, layer, state, jnp.ones(shape))
+
+
+# An example of too low a rank, per layer: (its shape, the expected message).
+EQX_LOW_RANK = {
+    "BatchNorm": ((), r"^BatchNorm takes one example of shape \(input_size, \*spatial\), got "),
+    "SequenceBatchNorm": ((4,), r"^SequenceBatchNorm takes one example of shape \(time, "),
+    "GroupNorm": ((), r"^GroupNorm takes one example of shape \(channels, \*spatial\), got "),
+}
+
+
+@pytest.mark.parametrize("name", EQX_LOW_RANK)
+def test_equinox_example_without_a_feature_axis(name):
+    """An example of too low a rank (e.g. the batch passed unmapped and squeezed)."""
+    example, want = EQX_LOW_RANK[name]
+    layer, state = eqx_face.build(name, shape=(2, 3, 4) if name == "SequenceBatchNorm" else X_SHAPE)
+    with pytest.raises(ValueError, match=want) as err:
+        eqx_face.call(layer, state, jnp.ones((2, *example)))
+    assert f"x.shape={example}" in str(err.value) and "jax.vmap" in str(err.value)
+    if name == "SequenceBatchNorm":
+        assert "(or (input_size,) with step=)" in str(err.value)
+
+
+def test_equinox_group_norm_without_channels_groups_not_dividing():
+    """GroupNorm(groups, channels=None) learns the channels from the example: a group
+    count that does not divide them is named as the constructor's ``groups``."""
+    layer = eqx_face.bnx.GroupNorm(3, channelwise_affine=False)
+    with pytest.raises(ValueError) as err:
+        eqx_face.call(layer, None, jnp.ones((2, 4, 5)))
+    msg = str(err.value)
+    want = "GroupNorm: groups=3 does not divide the 4 channels along axis 0 of the example "
+    assert msg.startswith(want + "(x.shape=(4, 5))"), msg
+    assert "num_groups" not in msg and "feature_axis" not in msg, msg
 
 
 @pytest.mark.parametrize("name", EQX)
@@ -250,14 +323,42 @@ def test_equinox_single_value_per_channel_with_allow_single_value_false(case, ma
     """Equinox trains on one value per channel (the drop-ins' default); with
     ``allow_single_value=False`` that is the core's error."""
     name, options = EQX_STATEFUL[case]
-    shape, extra, want = NORMALIZERS[name].single_value
+    shape, extra, _ = NORMALIZERS[name].single_value
     layer, state = eqx_face.build(
         name, shape=shape, changes={**extra, "allow_single_value": False}, **options
     )
     mask = jnp.ones(shape, bool) if masked else None
-    with pytest.raises(ValueError, match=want) as err:
+    with pytest.raises(ValueError, match=EQX_SINGLE_VALUE[name]) as err:
         eqx_face.apply(name, layer, state, jnp.ones(shape), mask=mask)
-    assert "allow_single_value=True" in str(err.value)
+    msg = str(err.value)
+    assert f"shape {_eqx_example_shape(name, layer, shape)}" in msg, msg
+    assert "allow_single_value=True" in msg and "training=False" not in msg, msg
+    if name != "InstanceNorm":
+        assert "inference=True" in msg, msg
+
+
+# The single-value message of each Equinox layer, in its terms (the example's shape is
+# asserted separately).
+EQX_SINGLE_VALUE = {
+    "BatchNorm": r"^BatchNorm: training on 1 example of shape .* along axis_name='batch', so "
+                 r"each statistic sees a single value",
+    "BatchRenorm": r"^BatchRenorm: training on 1 example of shape .* along axis_name='batch'",
+    "GhostBatchNorm": r"^GhostBatchNorm: training with virtual_batch_size=1 on examples of "
+                      r"shape .*use virtual_batch_size >= 2",
+    "SequenceBatchNorm": r"^SequenceBatchNorm: training on 1 example of shape .* along "
+                         r"axis_name='batch' \(statistics per time step\)",
+    "InstanceNorm": r"^InstanceNorm: an example of shape .* has one spatial position, so each "
+                    r"statistic sees a single value",
+}  # fmt: skip
+
+
+def test_equinox_single_value_per_channel_per_example_instance_norm():
+    """InstanceNorm without running statistics: the same check, on each example."""
+    shape = NORMALIZERS["InstanceNorm"].single_value[0]
+    layer, _ = eqx_face.build("InstanceNorm", shape=shape, changes={"allow_single_value": False})
+    with pytest.raises(ValueError, match=EQX_SINGLE_VALUE["InstanceNorm"]) as err:
+        eqx_face.apply("InstanceNorm", layer, None, jnp.ones(shape))
+    assert f"shape {shape[1:]}" in str(err.value)
 
 
 @pytest.mark.parametrize("name", [n for n in EQX if "virtual_batch_size" in registry.fields(n)])
