@@ -10,10 +10,7 @@ classes they are.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -21,6 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 import bn_jax
+from tests.typecheck import mypy_lines, requires_mypy
 
 ROOT = Path(bn_jax.__file__).parent
 REPO = ROOT.parent
@@ -112,26 +110,9 @@ f = bnnx.LayerNorm(4, memory_efficient=True, rngs=nnx.Rngs(0))
 """
 
 
-@pytest.mark.skipif(
-    subprocess.run([sys.executable, "-m", "mypy", "--version"], capture_output=True).returncode,
-    reason="mypy is not installed (pip install '.[test]')",
-)
+@requires_mypy
 def test_mypy_sees_the_drop_ins(tmp_path):
-    user = tmp_path / "user.py"
-    user.write_text(textwrap.dedent(SNIPPET))
-    out = subprocess.run(
-        [sys.executable, "-m", "mypy", "--follow-imports=silent", "--no-error-summary", str(user)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MYPY_CACHE_DIR": str(tmp_path / "cache")},
-        timeout=600,
-    ).stdout
-    lines: dict[int, str] = {}
-    for line in out.splitlines():
-        if "user.py:" in line:
-            number = int(line.split("user.py:")[1].split(":")[0])
-            lines[number] = lines.get(number, "") + line + "\n"
+    lines, out = mypy_lines(SNIPPET, tmp_path)
     assert 'Revealed type is "bn_jax.linen.BatchNorm"' in lines[7], out
     assert 'Revealed type is "float | None"' in lines[8], out
     assert 'Unexpected keyword argument "momentun"' in lines[9], out

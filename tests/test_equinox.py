@@ -13,10 +13,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 from functools import partial
 from pathlib import Path
@@ -36,6 +32,7 @@ bnx = pytest.importorskip("bn_jax.equinox")
 
 from tests import reference as ref  # noqa: E402
 from tests.devices import require_devices  # noqa: E402
+from tests.typecheck import mypy_lines, requires_mypy  # noqa: E402
 
 REPO = Path(__file__).parent.parent
 EXAMPLE = REPO / "examples" / "equinox_digits.py"
@@ -1191,26 +1188,9 @@ h = bnx.GhostBatchNorm(4, "batch", virtual_batch=2)
 """
 
 
-@pytest.mark.skipif(
-    subprocess.run([sys.executable, "-m", "mypy", "--version"], capture_output=True).returncode,
-    reason="mypy is not installed (pip install '.[test]')",
-)
+@requires_mypy
 def test_mypy_sees_the_equinox_drop_ins(tmp_path):
-    user = tmp_path / "user.py"
-    user.write_text(textwrap.dedent(SNIPPET))
-    out = subprocess.run(
-        [sys.executable, "-m", "mypy", "--follow-imports=silent", "--no-error-summary", str(user)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MYPY_CACHE_DIR": str(tmp_path / "cache")},
-        timeout=600,
-    ).stdout
-    lines: dict[int, str] = {}
-    for line in out.splitlines():
-        if "user.py:" in line:
-            n = int(line.split(":")[1])
-            lines[n] = lines.get(n, "") + line
+    lines, out = mypy_lines(SNIPPET, tmp_path)
     assert 'Revealed type is "bn_jax.equinox.BatchNorm"' in lines[6], out
     assert "StateIndex[tuple[" in lines[7], out
     assert 'Unexpected keyword argument "momentun"' in lines[8], out
